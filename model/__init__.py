@@ -1,0 +1,1 @@
+"""PyTorch side of vitserve: ViT and MAE definitions, checkpoints, data and training."""
