@@ -105,6 +105,9 @@ class MAEConfig:
             raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if not self.encoder.class_token:
             raise ConfigError("the MAE encoder needs a class token")
+        if self.encoder.fc_norm or self.encoder.pooling == "map":
+            # fc_norm would drop the encoder's final norm; an unused attention pool breaks DDP
+            raise ConfigError("the MAE encoder must use pooling 'cls' or 'gap' without fc_norm; set those on the fine-tuned classifier")
 
     def replace(self, **changes: Any) -> "MAEConfig":
         return dataclasses.replace(self, **changes)
