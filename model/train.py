@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoints import CheckpointError, LoadedCheckpoint, load_checkpoint, save_checkpoint
 from .data import DataSplits, load_dataset
-from .mae import MaskedAutoencoder, num_visible
+from .mae import MaskedAutoencoder
 from .optim import build_optimizer, build_scheduler
 from .plots import plot_curves, plot_reconstructions
 from .presets import ConfigError, mae_preset, vit_preset
@@ -38,7 +38,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 # Defaults per task, tuned on the built-in dataset so that `vit-train --out DIR` is the demo.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "classifier": dict(preset="vit-demo", epochs=12, lr=2e-3, weight_decay=0.05, batch_size=128),
+    "classifier": dict(preset="vit-demo", epochs=6, lr=1e-3, weight_decay=0.05, batch_size=128),
     "mae": dict(preset="mae-demo", epochs=20, lr=1.5e-3, weight_decay=0.05, batch_size=128),
 }
 

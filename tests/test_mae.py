@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from model.mae import MaskedAutoencoder, num_visible, patchify, random_masking, sincos_pos_embed_2d, unpatchify
-from model.presets import MAEConfig, ViTConfig, mae_preset
+from model.presets import MAEConfig, mae_preset
 
 
 def small_mae(**overrides) -> MaskedAutoencoder:
