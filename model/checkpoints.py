@@ -25,6 +25,7 @@ from .importers import (
     FORMAT, MAE_FIELDS, PRESET_CHECKED, SOURCES, VIT_FIELDS, CheckpointError, check_agrees, convert, detect_source, few,
     hf_config_settings, parse_size, preset_config, resolve_config,
 )
+from .data import IMAGENET_MEAN, IMAGENET_STD
 from .mae import MaskedAutoencoder
 from .presets import ConfigError, MAEConfig, ViTConfig
 from .vit import VisionTransformer
@@ -35,8 +36,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _META_FIELDS = frozenset({"labels", "mean", "std"})
 

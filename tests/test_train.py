@@ -151,3 +151,17 @@ def test_two_process_gloo_ddp_trains_and_only_rank0_writes(tmp_path):
     keys = [(r["split"], r["step"]) for r in records]
     assert keys and len(keys) == len(set(keys)), "a second process wrote to the metrics log"
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "curves.png", "metrics.jsonl", "summary.json"]
+
+
+@pytest.mark.slow
+def test_demo_classifier_reaches_95_percent(tmp_path):
+    assert main(["--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["val_accuracy"] >= 0.95
+
+
+@pytest.mark.slow
+def test_demo_mae_reconstructs_clearly_better_than_predicting_the_mean(tmp_path):
+    assert main(["mae", "--out", str(tmp_path / "mae"), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "mae" / "summary.json").read_text())
+    assert summary["val_loss"] < 0.5 * summary["val_baseline_loss"]
