@@ -39,7 +39,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # Defaults per task, tuned on the built-in dataset so that `vit-train --out DIR` is the demo.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "classifier": dict(preset="vit-demo", epochs=6, lr=1e-3, weight_decay=0.05, batch_size=128),
-    "mae": dict(preset="mae-demo", epochs=20, lr=1.5e-3, weight_decay=0.05, batch_size=128),
+    "mae": dict(preset="mae-demo", epochs=12, lr=1.5e-3, weight_decay=0.05, batch_size=128),
 }
 
 
