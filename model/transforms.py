@@ -50,7 +50,7 @@ def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
     return int(torch.randint(low, high + 1, (), generator=generator).item())
 
 
-def _resize_and_centre_crop(image: ImageLike, size: tuple[int, int], crop_fraction: float) -> ImageLike:
+def resize_and_centre_crop(image: ImageLike, size: tuple[int, int], crop_fraction: float = 0.875) -> ImageLike:
     """Scale so the image covers size / crop_fraction, then cut the centre; no-op at the target size."""
     height, width = size
     if (image.size[::-1] if isinstance(image, Image.Image) else image.shape[:2]) == size:
@@ -71,7 +71,7 @@ class EvalTransform:
         self.crop_fraction = crop_fraction
 
     def __call__(self, image: ImageLike, generator: torch.Generator | None = None) -> torch.Tensor:
-        return _normalise(_resize_and_centre_crop(image, self.size, self.crop_fraction), self.mean, self.std)
+        return _normalise(resize_and_centre_crop(image, self.size, self.crop_fraction), self.mean, self.std)
 
 
 class TrainTransform:
@@ -137,7 +137,7 @@ class ShiftTransform:
         self.max_shift = (round(max_shift * self.size[0]), round(max_shift * self.size[1]))
 
     def __call__(self, image: ImageLike, generator: torch.Generator | None = None) -> torch.Tensor:
-        array = _to_array(_resize_and_centre_crop(image, self.size, 1.0))
+        array = _to_array(resize_and_centre_crop(image, self.size, 1.0))
         sy, sx = self.max_shift
         dy, dx = _randint(-sy, sy, generator), _randint(-sx, sx, generator)
         padded = np.pad(array, ((sy, sy), (sx, sx), (0, 0)), mode="edge")  # edge pixels: background, not black
