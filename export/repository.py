@@ -17,6 +17,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,19 +54,25 @@ def versions(repo: Path, name: str) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+@dataclass
+class StagedVersion:
+    path: Path  # where to write the files
+    version: int | None = None  # the number it got, once committed
+
+
 @contextlib.contextmanager
-def staged_version(repo: Path, name: str) -> Iterator[Path]:
+def staged_version(repo: Path, name: str) -> Iterator[StagedVersion]:
     """Yield an empty staging directory; on success it becomes `<repo>/<name>/<next version>`, on error it is removed."""
     check_repository(repo)
     check_name(name)
     repo.mkdir(parents=True, exist_ok=True)
-    staging = repo / f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    staged = StagedVersion(repo / f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
+    staged.path.mkdir()
     try:
-        yield staging
-        commit_version(staging, repo, name)
+        yield staged
+        staged.version = commit_version(staged.path, repo, name)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staged.path, ignore_errors=True)
 
 
 def commit_version(staging: Path, repo: Path, name: str) -> int:

@@ -11,14 +11,15 @@ LOGITS = {"name": "logits", "dtype": "float32", "shape": [-1, 6]}
 
 
 def export_fake(repo, name, payload="x"):
-    with staged_version(repo, name) as staging:
-        (staging / "model.onnx").write_text(payload)
-        write_json(staging / METADATA_FILE, {"name": name, "version": None})
+    with staged_version(repo, name) as staged:
+        (staged.path / "model.onnx").write_text(payload)
+        write_json(staged.path / METADATA_FILE, {"name": name, "version": None})
+    return staged.version
 
 
 def test_versions_count_up_and_metadata_records_its_version(tmp_path):
-    export_fake(tmp_path, "demo")
-    export_fake(tmp_path, "demo")
+    assert export_fake(tmp_path, "demo") == 1
+    assert export_fake(tmp_path, "demo") == 2
     assert versions(tmp_path, "demo") == [1, 2]
     assert json.loads((tmp_path / "demo" / "2" / METADATA_FILE).read_text())["version"] == 2
 
@@ -26,8 +27,8 @@ def test_versions_count_up_and_metadata_records_its_version(tmp_path):
 def test_a_failed_export_leaves_no_version_and_no_staging_directory(tmp_path):
     export_fake(tmp_path, "demo")
     with pytest.raises(RuntimeError):
-        with staged_version(tmp_path, "demo") as staging:
-            (staging / "model.onnx").write_text("half")
+        with staged_version(tmp_path, "demo") as staged:
+            (staged.path / "model.onnx").write_text("half")
             raise RuntimeError("parity failed")
     assert versions(tmp_path, "demo") == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]

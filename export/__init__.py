@@ -1,0 +1,1 @@
+"""Export: wrap checkpoints as ONNX graphs (classifier, embedder, reconstructor), check them, derive variants."""

@@ -1,0 +1,232 @@
+"""Cheaper variants of an fp32 graph: int8 dynamic quantisation for CPU, fp16 for CUDA, and how far each strays.
+
+Both are measured against the fp32 file they came from (`compare_variant`) and judged by
+`check_variant` with the tolerances below.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .graphs import IMAGES, LOGITS, MASK
+from .onnx_export import ort_session
+from .parity import max_abs_diff
+
+# Dynamic quantisation touches only MatMul/Gemm with constant weights (the Linear layers). Left to
+# its defaults, quantize_dynamic takes opset 23's ONNX `Attention` op for the com.microsoft one of
+# the same name and writes an invalid QAttention node, so the op types are listed explicitly.
+INT8_OP_TYPES = ("MatMul", "Gemm")
+# Per-channel weight scales, by measurement (max |int8 - fp32| / logit range, top-1 agreement, on
+# 600-1000 validation images): vit-test trained 150 / 300 steps 0.015 vs 0.017 / 0.018 vs 0.020
+# per-tensor; the vit-demo classifier 0.040 vs 0.039 (top-1 1.000 vs 0.999); vit-demo fine-tuned from
+# the MAE 0.018 vs 0.027. Never worse beyond noise, up to 1.5x better, same speed. reduce_range
+# (7-bit weights, for CPUs without VNNI) was not better on balance (0.020, 0.019, 0.035, 0.020).
+INT8_PER_CHANNEL = True
+
+# Tolerances, as fractions of the reference's output scale (its range over the compared set): trained
+# logits spread over several units and an absolute bound would mean something else for every model.
+# Top-1 agreement is counted on validation images (the caller passes them).
+#  - int8: measured 0.015-0.040 of the range on the four classifiers above (top-1 agreement
+#    0.995-1.000); 0.10 leaves 2.5x headroom and still catches a broken quantisation (wrong scales, a
+#    saturated layer: errors of the order of the range). Top-1 >= 0.98: only near-ties may flip.
+#  - fp16 (preprocessing kept in fp32, see _preprocessing_nodes): measured 0.001-0.003 of the range,
+#    top-1 agreement 1.000; 0.01 leaves 3x headroom for deeper models; top-1 >= 0.995.
+INT8_TOLERANCE = {"relative_max_abs_diff": 0.10, "top1_agreement": 0.98}
+FP16_TOLERANCE = {"relative_max_abs_diff": 0.01, "top1_agreement": 0.995}
+TOLERANCES = {"int8": INT8_TOLERANCE, "fp16": FP16_TOLERANCE}
+
+
+class VariantError(ValueError):
+    """A variant that strays from its fp32 reference beyond its tolerance."""
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime.quantization warns on the root logger about optional pre-processing; keep it out of our output."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel: bool = INT8_PER_CHANNEL) -> None:
+    """Dynamic int8 quantisation for the CPU: QInt8 weights, activations quantised at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    with _quiet_root_logger():
+        quantize_dynamic(
+            Path(src), Path(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
+            op_types_to_quantize=list(INT8_OP_TYPES), extra_options={"MatMulConstBOnly": True},
+        )
+    onnx.checker.check_model(str(dst))
+
+
+def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Half-precision weights and compute for CUDA; inputs and outputs keep their dtypes (keep_io_types).
+
+    The file still loads on the CPU provider (where it is slow: a correctness check, not a CPU variant).
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    model = convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(_preprocessing_nodes(model)))
+    _bypass_input_round_trips(model.graph)
+    _sort_topologically(model.graph)  # the converter appends the casts it inserts at the end of the node list
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst), save_as_external_data=False)
+    onnx.checker.check_model(str(dst))
+
+
+# Ops that make up the in-graph preprocessing (cast, layout, normalisation) between the uint8 input and the
+# first matrix product; nothing else hangs off the input before a MatMul or Conv.
+_PREPROCESSING_OPS = frozenset({"Cast", "Transpose", "Reshape", "Div", "Sub", "Mul"})
+
+
+def _preprocessing_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes that normalise the integer image input, found by walking forward from it.
+
+    They stay in fp32 under convert_fp16: in fp16, (x / 255 - mean) / std keeps ~3 significant digits,
+    which measured as 2-3x the logit error of the rest of the half-precision network together.
+    """
+    integer_inputs = [item.name for item in model.graph.input
+                      if item.type.tensor_type.elem_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)]
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found: set[str] = set()
+    frontier = list(integer_inputs)
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.op_type in _PREPROCESSING_OPS and node.name not in found:
+                found.add(node.name)
+                frontier.extend(node.output)
+    return found
+
+
+def _bypass_input_round_trips(graph: onnx.GraphProto) -> None:
+    """Feed fp32 graph inputs straight to the nodes the converter kept in fp32.
+
+    keep_io_types casts every float input to fp16 first, and a node left in fp32 (the reconstructor's
+    TopK over `noise`) then gets it cast back: a lossy round trip that merges noise values closer
+    than fp16 can tell apart, so ties break differently and the mask differs from the fp32 graph's.
+    """
+    float_inputs = {item.name for item in graph.input if item.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    producers = {output: node for node in graph.node for output in node.output}
+
+    def cast_to(node: onnx.NodeProto | None) -> int | None:
+        if node is None or node.op_type != "Cast":
+            return None
+        return next((attr.i for attr in node.attribute if attr.name == "to"), None)
+
+    shortcuts: dict[str, str] = {}
+    for node in graph.node:
+        inner = producers.get(node.input[0]) if node.op_type == "Cast" else None
+        if cast_to(node) == onnx.TensorProto.FLOAT and cast_to(inner) == onnx.TensorProto.FLOAT16 \
+                and inner.input[0] in float_inputs:
+            shortcuts[node.output[0]] = inner.input[0]
+    if not shortcuts:
+        return
+    graph_outputs = {item.name for item in graph.output}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name in shortcuts:
+                node.input[index] = shortcuts[name]
+    # Drop the casts nothing reads any more.
+    while True:
+        used = {name for node in graph.node for name in node.input} | graph_outputs
+        unused = [node for node in graph.node if node.op_type == "Cast" and not set(node.output) & used]
+        if not unused:
+            break
+        for node in unused:
+            graph.node.remove(node)
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """Reorder the nodes so each comes after the producers of its inputs, otherwise keeping their order."""
+    available = {item.name for item in graph.input} | {item.name for item in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [node for node in pending if all(name in available for name in node.input)]
+        if not ready:
+            raise ValueError(f"the graph has a cycle or a dangling input at {pending[0].name!r}")
+        for node in ready:
+            available.update(node.output)
+        ordered.extend(ready)
+        done = {id(node) for node in ready}
+        pending = [node for node in pending if id(node) not in done]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def compare_variant(
+    reference_path: str | os.PathLike,
+    variant_path: str | os.PathLike,
+    inputs_list: Sequence[Mapping[str, np.ndarray]],
+    *,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Run the fp32 reference and the variant (onnxruntime CPU) on every input set.
+
+    Returns {output name: max abs diff, ..., "relative_max_abs_diff": the worst, over the float
+    outputs, of max abs diff / the reference's scale of that output (max - min, or max |value| where
+    larger), "num_images": n,
+    and, when there is a `logits` output, "top1_agreement": fraction of images with the same argmax}.
+    """
+    if not inputs_list:
+        raise ValueError("compare_variant needs at least one input set")
+    reference, variant = ort_session(reference_path, threads), ort_session(variant_path, threads)
+    names = [output.name for output in reference.get_outputs()]
+    input_names = [item.name for item in reference.get_inputs()]
+    worst = {name: 0.0 for name in names}
+    low = {name: np.inf for name in names}
+    high = {name: -np.inf for name in names}
+    agree = total = 0
+    for inputs in inputs_list:
+        feeds = {name: np.asarray(inputs[name]) for name in input_names}
+        expected = dict(zip(names, reference.run(names, feeds)))
+        actual = dict(zip(names, variant.run(names, feeds)))
+        total += int(feeds[IMAGES].shape[0]) if IMAGES in feeds else 1
+        for name in names:
+            worst[name] = max(worst[name], max_abs_diff(expected[name], actual[name]))
+            if expected[name].size and np.issubdtype(expected[name].dtype, np.floating):
+                low[name] = min(low[name], float(expected[name].min()))
+                high[name] = max(high[name], float(expected[name].max()))
+        if LOGITS in expected:
+            agree += int((expected[LOGITS].argmax(axis=-1) == actual[LOGITS].argmax(axis=-1)).sum())
+    result: dict[str, Any] = dict(worst)
+    # Scale of an output: its range, or its peak magnitude where that is larger (a per-image loss
+    # varies little between images, so its range alone would magnify every difference).
+    relative = [worst[name] / max(high[name] - low[name], abs(low[name]), abs(high[name]), 1e-12)
+                for name in names if np.isfinite(low[name]) and name != MASK]
+    result["relative_max_abs_diff"] = float(max(relative)) if relative else 0.0
+    result["num_images"] = total
+    if LOGITS in names:
+        result["top1_agreement"] = agree / total
+    return result
+
+
+def check_variant(comparison: Mapping[str, Any], kind: str) -> None:
+    """Raise VariantError when a `compare_variant` result exceeds the tolerance for `kind` (int8 | fp16)."""
+    if kind not in TOLERANCES:
+        raise ValueError(f"unknown variant {kind!r}; known: {', '.join(TOLERANCES)}")
+    tolerance = TOLERANCES[kind]
+    relative = comparison["relative_max_abs_diff"]
+    if not relative <= tolerance["relative_max_abs_diff"]:
+        raise VariantError(f"{kind} variant: max abs diff is {relative:.3g} of the output range, "
+                           f"tolerance {tolerance['relative_max_abs_diff']:.3g}")
+    agreement = comparison.get("top1_agreement")
+    if agreement is not None and agreement < tolerance["top1_agreement"]:
+        raise VariantError(f"{kind} variant: top-1 agrees with fp32 on {agreement:.1%} of "
+                           f"{comparison['num_images']} images, tolerance {tolerance['top1_agreement']:.1%}")
