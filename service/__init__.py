@@ -1,0 +1,1 @@
+"""The vitserve inference service: onnxruntime + FastAPI with dynamic batching. Never imports torch."""

@@ -1,0 +1,389 @@
+"""One asyncio dynamic batcher per model: requests queue, a single runner takes up to `max_batch_size`
+images at a time, runs the blocking session call in a worker thread, and splits the results back.
+
+Policy (after Triton's dynamic batcher, not LitServe's loop):
+- Whenever the runner is free and images are queued, it takes up to `max_batch_size` of them, oldest
+  request first; a request's images stay in order and may be split across batches.
+- It waits to fill a batch only under load, i.e. right after a batch finished: then until the batch
+  is full or `max_delay_ms` after the oldest queued image arrived, whichever comes first. A runner
+  that was idle starts at once, so a lone request never pays `max_delay_ms`.
+- Only images with the same `batch_key` share a batch; the oldest queued request's key goes next,
+  so no key starves.
+- The queue is bounded in images: a request that does not fit is refused whole, at once.
+- Images whose deadline passed or whose client left are dropped before inference.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Protocol
+
+from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded, ServiceError
+
+log = logging.getLogger(__name__)
+
+_DISCONNECT_PROBE_TIMEOUT_S = 0.1  # a well-behaved probe answers at once; a stuck one must not stall batching
+
+
+class ClientDisconnected(ServiceError):
+    """The client went away while its images were queued; nobody reads this answer."""
+
+    status, type = 499, "client_disconnected"
+
+
+class BatchObserver(Protocol):
+    """Metric callbacks. Every method is optional: a missing one is skipped (see `NullObserver`)."""
+
+    def queue_depth(self, images: int) -> None: ...  # images queued, after every change
+    def batch_run(self, size: int, inference_s: float) -> None: ...
+    def queue_wait(self, seconds: float) -> None: ...  # per image, from enqueue to batch start
+    def rejected(self, reason: str) -> None: ...  # "queue_full" | "deadline" | "disconnected" | "shutdown"
+
+
+class NullObserver:
+    """Observes nothing; subclass it and override only the callbacks you need."""
+
+    def queue_depth(self, images: int) -> None:
+        pass
+
+    def batch_run(self, size: int, inference_s: float) -> None:
+        pass
+
+    def queue_wait(self, seconds: float) -> None:
+        pass
+
+    def rejected(self, reason: str) -> None:
+        pass
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    """One submit() call: its images, how far the runner got, and the future its caller awaits."""
+
+    items: list[Any]
+    future: asyncio.Future
+    enqueued_at: float  # loop time
+    deadline: float | None  # time.monotonic() value
+    is_disconnected: Callable[[], Awaitable[bool]] | None
+    batch_key: Hashable
+    results: list[Any] = dataclasses.field(init=False)  # filled slice by slice, in item order
+    taken: int = 0  # images handed to the runner so far
+    done: int = 0  # images with results
+    timer: asyncio.TimerHandle | None = None
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.items)
+
+    @property
+    def untaken(self) -> int:
+        return len(self.items) - self.taken
+
+
+# A slice of one request inside a batch: (request, first image index, number of images).
+_Slice = tuple[_Request, int, int]
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        run_batch: Callable[[list[Any]], list[Any]],
+        *,
+        max_batch_size: int,
+        max_delay_ms: float,
+        max_queue_images: int,
+        observer: BatchObserver | None = None,
+        name: str = "model",
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue_images < 1 or max_delay_ms < 0:
+            raise ValueError("max_batch_size and max_queue_images must be >= 1, max_delay_ms >= 0")
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_ms / 1000.0
+        self.max_queue_images = max_queue_images
+        self._run_batch = run_batch
+        self._observer = observer if observer is not None else NullObserver()
+        self._executor = executor
+        self._owns_executor = executor is None
+        self._pending: collections.deque[_Request] = collections.deque()  # arrival order
+        self._queued = 0  # untaken images across _pending
+        self._in_flight: list[_Slice] = []
+        self._wakeup = asyncio.Event()
+        self._runner: asyncio.Task | None = None
+        self._stopping = False
+        self._batch_s_ema: float | None = None  # for the Retry-After estimate
+
+    # ---- public surface -------------------------------------------------------------------------
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._in_flight)
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"batcher-{self.name}")
+        self._runner = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher-{self.name}")
+        self._runner.add_done_callback(self._runner_ended)
+
+    async def submit(
+        self,
+        items: list[Any],
+        *,
+        deadline: float | None = None,
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+        batch_key: Hashable = None,
+    ) -> list[Any]:
+        """Queue all `items` as one request and return their results in order."""
+        items = list(items)
+        if self._stopping or self._runner is None:
+            self._notify("rejected", "shutdown")
+            raise NotReady(f"model '{self.name}' is not accepting requests")
+        if not items:
+            return []
+        if deadline is not None and deadline <= time.monotonic():
+            self._notify("rejected", "deadline")
+            raise DeadlineExceeded(f"deadline passed before the request reached model '{self.name}'")
+        if self._queued + len(items) > self.max_queue_images:
+            self._notify("rejected", "queue_full")
+            raise self._overloaded(len(items))
+
+        loop = asyncio.get_running_loop()
+        request = _Request(items, loop.create_future(), loop.time(), deadline, is_disconnected, batch_key)
+        self._pending.append(request)
+        self._queued += len(items)
+        self._notify("queue_depth", self._queued)
+        self._wakeup.set()
+        if deadline is not None:
+            request.timer = loop.call_later(deadline - time.monotonic(), self._expire, request)
+        try:
+            return await request.future
+        except asyncio.CancelledError:  # the caller's task was cancelled: its queued images go too
+            self._withdraw(request, reason="disconnected")
+            raise
+        finally:
+            if request.timer is not None:
+                request.timer.cancel()
+
+    async def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuse new work; with `drain`, finish what is queued and running first (up to `timeout`)."""
+        self._stopping = True
+        if not drain:
+            for request in list(self._pending):
+                self._fail(request, NotReady(f"model '{self.name}' is shutting down"), reason="shutdown")
+        self._wakeup.set()
+        if self._runner is not None:
+            _, still_running = await asyncio.wait({self._runner}, timeout=timeout)
+            if still_running:
+                self._runner.cancel()
+                await asyncio.wait({self._runner})
+            self._fail_everything(NotReady(f"model '{self.name}' shut down"))
+        if self._owns_executor and self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    # ---- the runner -----------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        under_load = False
+        while True:
+            if not self._pending:
+                if self._stopping:
+                    return
+                under_load = False
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if under_load and not self._stopping:
+                await self._wait_to_fill()
+            batch = await self._take_batch()
+            if batch:
+                await self._run(batch)
+                under_load = True
+
+    async def _wait_to_fill(self) -> None:
+        """Under load: wait until the next batch is full or its oldest image has waited max_delay."""
+        loop = asyncio.get_running_loop()
+        while self._pending and not self._stopping:
+            head = self._pending[0]
+            if self._queued_for(head.batch_key) >= self.max_batch_size:
+                return
+            remaining = head.enqueued_at + self.max_delay_s - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def _take_batch(self) -> list[_Slice]:
+        """Select the next batch, dropping expired and disconnected requests before they run."""
+        probed: set[_Request] = set()
+        while True:
+            now = time.monotonic()
+            for request in [r for r in self._pending if r.deadline is not None and r.deadline <= now]:
+                self._expire(request)
+            selection = self._select()
+            unprobed = [r for r, _, _ in selection if r.is_disconnected is not None and r not in probed]
+            if not unprobed:
+                return self._commit(selection)
+            gone = await asyncio.gather(*(self._probe(r) for r in unprobed))
+            for request, is_gone in zip(unprobed, gone, strict=True):
+                probed.add(request)
+                if is_gone:
+                    self._withdraw(request, reason="disconnected")
+                    self._settle(request, ClientDisconnected(f"client left while queued for model '{self.name}'"))
+
+    def _select(self) -> list[_Slice]:
+        """Up to max_batch_size images sharing the oldest request's key, FIFO. Mutates nothing."""
+        if not self._pending:
+            return []
+        key = self._pending[0].batch_key
+        selection: list[_Slice] = []
+        room = self.max_batch_size
+        for request in self._pending:
+            if request.batch_key != key:
+                continue
+            count = min(room, request.untaken)
+            selection.append((request, request.taken, count))
+            room -= count
+            if room == 0:
+                break
+        return selection
+
+    def _commit(self, selection: list[_Slice]) -> list[_Slice]:
+        now = asyncio.get_running_loop().time()
+        for request, _, count in selection:
+            request.taken += count
+            self._queued -= count
+            if request.untaken == 0:
+                self._pending.remove(request)
+            for _ in range(count):
+                self._notify("queue_wait", now - request.enqueued_at)
+        if selection:
+            self._notify("queue_depth", self._queued)
+        self._in_flight = selection
+        return selection
+
+    async def _run(self, batch: list[_Slice]) -> None:
+        items = [item for request, start, count in batch for item in request.items[start:start + count]]
+        loop = asyncio.get_running_loop()
+        try:
+            outputs, seconds = await loop.run_in_executor(self._executor, self._call_model, items)
+        except asyncio.CancelledError:  # stop() gave up waiting: nobody will get these results
+            for request, _, _ in batch:
+                self._fail(request, NotReady(f"model '{self.name}' shut down"), reason="shutdown")
+            raise
+        except Exception:
+            log.exception("model '%s' failed on a batch of %d images", self.name, len(items))
+            error = InferenceFailed(f"model '{self.name}' failed to run a batch of {len(items)} images")
+            for request, _, _ in batch:
+                self._withdraw(request, reason=None)
+                self._settle(request, error)
+        else:
+            self._batch_s_ema = seconds if self._batch_s_ema is None else 0.8 * self._batch_s_ema + 0.2 * seconds
+            self._notify("batch_run", len(items), seconds)
+            offset = 0
+            for request, start, count in batch:
+                request.results[start:start + count] = outputs[offset:offset + count]
+                request.done += count
+                offset += count
+                if request.done == len(request.items) and not request.future.done():
+                    request.future.set_result(request.results)
+        finally:
+            self._in_flight = []
+
+    def _call_model(self, items: list[Any]) -> tuple[list[Any], float]:
+        """Runs in the worker thread: the blocking session call, timed."""
+        started = time.perf_counter()
+        outputs = list(self._run_batch(items))
+        seconds = time.perf_counter() - started
+        if len(outputs) != len(items):
+            raise RuntimeError(f"run_batch returned {len(outputs)} results for {len(items)} items")
+        return outputs, seconds
+
+    def _runner_ended(self, runner: asyncio.Task) -> None:
+        """A runner that died of a bug must not leave callers waiting forever."""
+        if runner.cancelled() or runner.exception() is None:
+            return
+        log.error("batcher for model '%s' crashed", self.name, exc_info=runner.exception())
+        self._stopping = True
+        self._fail_everything(InferenceFailed(f"the batcher for model '{self.name}' crashed"))
+
+    def _fail_everything(self, error: ServiceError) -> None:
+        for request in [slice_[0] for slice_ in self._in_flight] + list(self._pending):
+            self._fail(request, error, reason="shutdown")
+        self._in_flight = []
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _queued_for(self, key: Hashable) -> int:
+        total = 0
+        for request in self._pending:
+            if request.batch_key == key:
+                total += request.untaken
+                if total >= self.max_batch_size:
+                    break
+        return total
+
+    async def _probe(self, request: _Request) -> bool:
+        try:
+            return bool(await asyncio.wait_for(request.is_disconnected(), _DISCONNECT_PROBE_TIMEOUT_S))
+        except Exception:  # a failing or slow probe says nothing: keep the request
+            return False
+
+    def _expire(self, request: _Request) -> None:
+        """Deadline reached: drop the images still queued. Images already running are waited for."""
+        if request.untaken and not request.future.done():
+            self._fail(request, DeadlineExceeded(f"deadline passed while queued for model '{self.name}'"),
+                       reason="deadline")
+
+    def _fail(self, request: _Request, error: ServiceError, *, reason: str) -> None:
+        self._withdraw(request, reason=reason)
+        self._settle(request, error)
+
+    def _withdraw(self, request: _Request, *, reason: str | None) -> None:
+        """Remove a request's not-yet-started images from the queue (idempotent)."""
+        if request.untaken == 0:
+            return
+        self._queued -= request.untaken
+        request.taken = len(request.items)
+        self._pending.remove(request)
+        self._notify("queue_depth", self._queued)
+        if reason is not None:
+            self._notify("rejected", reason)
+        self._wakeup.set()
+
+    @staticmethod
+    def _settle(request: _Request, error: ServiceError) -> None:
+        if not request.future.done():
+            request.future.set_exception(error)
+
+    def _overloaded(self, images: int) -> Overloaded:
+        if images > self.max_queue_images:
+            return Overloaded(f"a request of {images} images exceeds model '{self.name}' queue of "
+                              f"{self.max_queue_images} images")
+        batches_ahead = self._queued / self.max_batch_size + 1
+        retry_after = math.ceil(batches_ahead * (self._batch_s_ema or 0.0))
+        return Overloaded(f"model '{self.name}' queue is full ({self._queued} images waiting)",
+                          retry_after_s=min(max(retry_after, 1), 60))
+
+    def _notify(self, method: str, *args: Any) -> None:
+        callback = getattr(self._observer, method, None)
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:  # metrics must never break serving
+            log.exception("batch observer %s failed", method)

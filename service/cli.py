@@ -1,0 +1,73 @@
+"""`vit-serve`: load a model repository and serve it with uvicorn (uvloop + httptools).
+
+Every option is also an environment variable `VITSERVE_<NAME>`; see `vit-serve --help`."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from .api import create_app
+from .settings import Settings, load_settings
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT, readiness turns 503 at once; uvicorn then stops accepting, lets admitted requests finish
+    (bounded by the drain timeout) and runs the app's shutdown, which drains the batchers."""
+
+    def __init__(self, config: uvicorn.Config, service_state) -> None:
+        super().__init__(config)
+        self.service_state = service_state
+
+    def handle_exit(self, sig, frame) -> None:
+        self.service_state.draining = True
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:
+            # uvicorn re-raises a captured signal after its graceful shutdown, so the process would end "killed by
+            # SIGTERM" (143). A drain that finished is a clean exit: status 0, as orchestrators expect.
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+
+
+def serve(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    common = dict(host=settings.host, port=settings.port, loop="uvloop", http="httptools", log_level=settings.log_level,
+                  access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s or None)
+    if settings.workers > 1:
+        # Each worker process builds its own app from the environment (the command line was exported into it).
+        _export_to_environment(settings)
+        uvicorn.run("service.cli:app_from_environment", factory=True, workers=settings.workers, **common)
+        return
+    app = create_app(settings)
+    DrainingServer(uvicorn.Config(app, **common), app.state.service).run()
+
+
+def app_from_environment():
+    return create_app(Settings())
+
+
+def _export_to_environment(settings: Settings) -> None:
+    for name, value in settings.model_dump(exclude_none=True).items():
+        if name == "api_key":
+            value = settings.api_key.get_secret_value()
+        os.environ[f"VITSERVE_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(sys.argv[1:] if argv is None else argv)
+    except ValidationError as error:
+        for item in error.errors():
+            where = ".".join(str(p) for p in item["loc"])
+            print(f"vit-serve: error: {where}: {item['msg']}", file=sys.stderr)
+        return 2
+    serve(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Prometheus metrics, one registry per app. Labels are route templates and model names, never raw paths."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("vitserve_requests_total", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
+        self.latency = Histogram("vitserve_request_duration_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.images = Counter("vitserve_images_inferred_total", "Images that went through a model", ["model"], registry=r)
+        self.batch_size = Histogram("vitserve_batch_size", "Images per inference batch", ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("vitserve_queue_depth_images", "Images waiting for a batch", ["model"], registry=r)
+        self.queue_wait = Histogram("vitserve_queue_wait_seconds", "Time an image waited before its batch started", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("vitserve_inference_seconds", "Time of one batch in onnxruntime", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rejections = Counter("vitserve_rejections_total", "Requests refused or dropped, by reason", ["model", "reason"], registry=r)
+        self.model_info = Gauge("vitserve_model_info", "Loaded models (value 1)", ["model", "version", "task", "provider", "variant"], registry=r)
+
+    def observer(self, model: str) -> "BatchMetrics":
+        return BatchMetrics(self, model)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class BatchMetrics:
+    """What one model's batcher reports, bound to that model's label."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self.metrics, self.model = metrics, model
+
+    def queue_depth(self, images: int) -> None:
+        self.metrics.queue_depth.labels(self.model).set(images)
+
+    def batch_run(self, size: int, inference_s: float) -> None:
+        self.metrics.batch_size.labels(self.model).observe(size)
+        self.metrics.inference.labels(self.model).observe(inference_s)
+        self.metrics.images.labels(self.model).inc(size)
+
+    def queue_wait(self, seconds: float) -> None:
+        self.metrics.queue_wait.labels(self.model).observe(seconds)
+
+    def rejected(self, reason: str) -> None:
+        self.metrics.rejections.labels(self.model, reason).inc()

@@ -1,0 +1,74 @@
+"""Pure ASGI middleware around every request: request id, body-size limit, metrics, one access-log line."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from .errors import PayloadTooLarge, ServiceError
+from .metrics import Metrics
+
+access_log = logging.getLogger("vitserve.access")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestContextMiddleware:
+    def __init__(self, app, *, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        given = headers.get("x-request-id", "")
+        request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        try:
+            declared = int(headers.get("content-length", "0") or 0)
+        except ValueError:
+            declared = 0
+        if declared > self.max_body_bytes:
+            await _send_error(send_with_id, PayloadTooLarge(f"request body is {declared} bytes; the limit is {self.max_body_bytes}"))
+        else:
+            await self.app(scope, self._limited(receive), send_with_id)
+        elapsed = time.perf_counter() - started
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        self.metrics.requests.labels(template, scope["method"], str(status["code"])).inc()
+        self.metrics.latency.labels(template).observe(elapsed)
+        access_log.info(json.dumps({"request_id": request_id, "method": scope["method"], "route": template, "path": scope["path"],
+                                    "status": status["code"], "duration_ms": round(elapsed * 1000, 2),
+                                    "client": (scope.get("client") or ["-"])[0]}))
+
+    def _limited(self, receive):
+        """Count body bytes as they arrive: a chunked body without Content-Length is capped too."""
+        received = {"bytes": 0}
+
+        async def receive_limited():
+            message = await receive()
+            if message["type"] == "http.request":
+                received["bytes"] += len(message.get("body", b""))
+                if received["bytes"] > self.max_body_bytes:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes")
+            return message
+
+        return receive_limited
+
+
+async def _send_error(send, error: ServiceError) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,108 @@
+"""One onnxruntime session per model: provider choice (never a silent fallback), threads, warm-up, IO binding on CUDA."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from .repository import ModelVersion, VARIANT_FILES
+
+log = logging.getLogger("vitserve.runtime")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+NUMPY_DTYPES = {"uint8": np.uint8, "float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+
+class RuntimeStartError(Exception):
+    """A model that cannot be served as configured (the message says what to change)."""
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelVersion
+    session: ort.InferenceSession
+    provider: str
+    variant: str
+    warmup_s: float = 0.0
+    output_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def metadata(self) -> dict:
+        return self.entry.metadata
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch. On CUDA the inputs are bound once and copied to the device once (IO binding)."""
+        if self.provider != CUDA:
+            return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.output_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+
+    def dummy_feeds(self, batch: int) -> dict[str, np.ndarray]:
+        """Zeros of every input's shape and dtype (keep: the default number of visible patches)."""
+        feeds = {}
+        for spec in self.metadata["inputs"]:
+            shape = [batch if i == 0 and d == -1 else d for i, d in enumerate(spec["shape"])]
+            feeds[spec["name"]] = np.zeros(shape, dtype=NUMPY_DTYPES[spec["dtype"]])
+        if "keep" in feeds:
+            feeds["keep"] = np.array(max(1, int(self.metadata["num_patches"] * (1 - 0.75))), dtype=np.int64)
+        return feeds
+
+    def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
+        """Run once per batch size so that the first real request does not pay for allocations and kernel choice."""
+        started = time.perf_counter()
+        for batch in sorted(set(batch_sizes)):
+            self.run(self.dummy_feeds(batch))
+        self.warmup_s = time.perf_counter() - started
+
+
+def choose_variant(entry: ModelVersion, requested: str, on_cuda: bool) -> str:
+    if requested == "auto":
+        return "fp16" if on_cuda and entry.variant_path("fp16") else "fp32"
+    if entry.variant_path(requested) is None:
+        present = [v for v in VARIANT_FILES if entry.variant_path(v)]
+        raise RuntimeStartError(f"model {entry.name} v{entry.version} has no {requested} variant (it has: {', '.join(present)}); "
+                                f"export it with vit-export --{requested}" if requested != "fp32" else f"{entry.path} has no model.onnx")
+    return requested
+
+
+def cuda_available() -> bool:
+    return CUDA in ort.get_available_providers()
+
+
+def load_model(entry: ModelVersion, *, device: str, variant: str, intra_op_threads: int) -> LoadedModel:
+    """Create the session on the requested device and check which provider really runs it."""
+    want_cuda = device == "cuda" or (device == "auto" and cuda_available())
+    if device == "cuda" and not cuda_available():
+        raise RuntimeStartError("--device cuda, but this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
+    chosen = choose_variant(entry, variant, want_cuda)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    providers = [CUDA, CPU] if want_cuda else [CPU]
+    session = ort.InferenceSession(str(entry.variant_path(chosen)), sess_options=options, providers=providers)
+    active = session.get_providers()[0]
+    if want_cuda and active != CUDA:
+        if device == "cuda":
+            raise RuntimeStartError(f"--device cuda, but CUDA did not load for {entry.name} (active: {active}); check the CUDA/cuDNN libraries")
+        log.warning("CUDA provider is installed but did not load for %s: serving on CPU", entry.name)
+    elif device == "auto" and not want_cuda:
+        log.warning("no CUDA provider in this onnxruntime: serving %s on CPU", entry.name)
+    return LoadedModel(entry, session, active, chosen)

@@ -1,0 +1,109 @@
+"""Request parameters and response bodies (pydantic): they validate input and document the API in OpenAPI."""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def _index_list(value: Any) -> Any:
+    """Form and query fields carry lists as '0,1,2'; JSON carries real lists."""
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            return []
+        try:
+            return [int(part) for part in value.split(",")]
+        except ValueError as error:
+            raise ValueError("must be patch indices, e.g. 0,1,2") from error
+    return value
+
+
+class CommonParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="model name, when the repository holds several for this task")
+    timeout_ms: int | None = Field(None, ge=1, description="deadline for this request; at most the server's default")
+
+
+class ClassifyParams(CommonParams):
+    top_k: int = Field(5, ge=1, description="labels to return per image")
+
+
+class EmbedParams(CommonParams):
+    normalize: bool = Field(True, description="L2-normalise each embedding")
+
+
+class ReconstructParams(CommonParams):
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0, description="share of patches hidden from the encoder")
+    seed: int | None = Field(None, ge=0, description="makes the random mask reproducible")
+    visible: list[int] | None = Field(None, description="patch indices to keep visible (row-major); overrides mask_ratio")
+    masked: list[int] | None = Field(None, description="patch indices to hide; the rest stays visible")
+
+    _lists = field_validator("visible", "masked", mode="before")(_index_list)
+
+
+class JsonImages(BaseModel):
+    """A JSON request: base64 images (or data URLs) plus the endpoint's parameters."""
+    model_config = ConfigDict(extra="allow")
+    images: list[str] = Field(..., description="base64-encoded image files")
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    score: float
+
+
+class ClassifyResult(BaseModel):
+    predictions: list[Prediction]
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    version: int
+    results: list[ClassifyResult]
+
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "model": "demo-classifier", "version": 1,
+        "results": [{"predictions": [{"label": "circle", "index": 0, "score": 0.97}, {"label": "square", "index": 1, "score": 0.02}]}],
+    }})
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    version: int
+    dim: int
+    pooling: str
+    normalized: bool
+    embeddings: list[list[float]]
+
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "model": "demo-mae-embed", "version": 1, "dim": 128, "pooling": "cls", "normalized": True, "embeddings": [[0.01, -0.12, 0.33]],
+    }})
+
+
+class ReconstructResult(BaseModel):
+    masked_png: str = Field(description="base64 PNG: the input with masked patches grey")
+    reconstruction_png: str = Field(description="base64 PNG: every patch as the decoder predicted it")
+    composite_png: str = Field(description="base64 PNG: visible patches from the input, masked ones reconstructed")
+    mask: list[int] = Field(description="per patch, row-major: 1 = masked (reconstructed), 0 = visible")
+    mse: float = Field(description="mean squared error over the masked patches, in the model's target space")
+
+
+class ReconstructResponse(BaseModel):
+    model: str
+    version: int
+    grid: list[int]
+    patch_size: int
+    visible_patches: int
+    results: list[ReconstructResult]
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+    index: int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

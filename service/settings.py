@@ -1,0 +1,62 @@
+"""All service options in one place: environment variables `VITSERVE_<NAME>` and the same options on
+the command line (`--max-batch-size 16`); the command line wins. Nothing else reads the environment."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda"]
+Variant = Literal["auto", "fp32", "int8", "fp16"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VITSERVE_", cli_kebab_case=True, cli_prog_name="vit-serve", cli_implicit_flags=True,
+        cli_ignore_unknown_args=False,
+    )
+
+    repo: Path = Field(description="model repository written by vit-export")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535)
+    device: Device = Field("auto", description="auto: CUDA when it really loads, else CPU (with a warning); cuda: fail without it")
+    workers: int = Field(1, ge=1, description="server processes (each loads every model)")
+    variant: Variant = Field("auto", description="graph variant: auto = fp16 on CUDA when exported, else fp32")
+    models: list[str] = Field(default_factory=list, description="model names to load (default: all in the repository)")
+    pin_versions: dict[str, int] = Field(default_factory=dict, description='pinned versions, e.g. {"demo-classifier": 1} (default: latest)')
+    max_batch_size: int | None = Field(None, ge=1, description="images per batch (default 8 on CPU, 64 on CUDA)")
+    max_delay_ms: float = Field(2.0, ge=0, description="longest wait to fill a batch, only while the model is busy anyway")
+    max_queue_images: int = Field(256, ge=1, description="queued images per model before requests are refused with 503")
+    timeout_ms: int = Field(30_000, ge=1, description="default per-request deadline (a request may ask for less)")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    max_images_per_request: int = Field(32, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1, description="per image, checked before decoding")
+    intra_op_threads: int | None = Field(None, ge=1, description="onnxruntime threads per model (default: CPU cores)")
+    decode_threads: int | None = Field(None, ge=1, description="image decoding threads (default: CPU cores)")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued and running work may take")
+    api_key: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>' or 'X-API-Key'")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_must_be_a_directory(cls, repo: Path) -> Path:
+        if not repo.is_dir():
+            raise ValueError(f"model repository {repo} is not a directory (create one with vit-export)")
+        return repo
+
+    def batch_size_for(self, provider: str) -> int:
+        return self.max_batch_size or (64 if provider == "CUDAExecutionProvider" else 8)
+
+    @property
+    def cores(self) -> int:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Settings from the environment, overridden by command-line options when `argv` is given."""
+    if argv is None:
+        return Settings()
+    return Settings(_cli_parse_args=argv)

@@ -1,0 +1,126 @@
+"""What one running server holds: its models, their batchers, the decode pool, and whether it is ready."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .batching import MicroBatcher
+from .errors import NotFound, NotReady
+from .images import ImageLimits, ResizeSpec
+from .metrics import Metrics
+from .repository import find_models
+from .runtime import LoadedModel, load_model
+from .settings import Settings
+
+log = logging.getLogger("vitserve")
+
+
+@dataclass
+class ServedModel:
+    loaded: LoadedModel
+    batcher: MicroBatcher
+    resize: ResizeSpec
+    max_batch_size: int
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def metadata(self) -> dict:
+        return self.loaded.metadata
+
+
+def run_batch_for(model: LoadedModel):
+    """The blocking batch function a model's batcher runs in its worker thread: stack, run, split per image."""
+
+    def run_batch(items: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        feeds = {"images": np.stack([item["images"] for item in items])}
+        if "noise" in items[0]:
+            feeds["noise"] = np.stack([item["noise"] for item in items])
+            feeds["keep"] = np.asarray(items[0]["keep"], dtype=np.int64)  # one keep per batch: the batch key
+        outputs = model.run(feeds)
+        return [{name: value[i] for name, value in outputs.items()} for i in range(len(items))]
+
+    return run_batch
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    metrics: Metrics
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=lambda: ["models are loading"])
+    draining: bool = False
+    decode_pool: ThreadPoolExecutor | None = None
+
+    @property
+    def ready(self) -> bool:
+        return not self.problems and not self.draining
+
+    @property
+    def limits(self) -> ImageLimits:
+        s = self.settings
+        return ImageLimits(max_pixels=s.max_pixels, max_images=s.max_images_per_request, max_body_bytes=s.max_body_bytes)
+
+    async def load(self) -> None:
+        """Load, warm up and start every model; a failure is kept as a readiness problem, the process stays up."""
+        settings = self.settings
+        self.decode_pool = ThreadPoolExecutor(settings.decode_threads or settings.cores, thread_name_prefix="decode")
+        problems: list[str] = []
+        try:
+            entries = find_models(settings.repo, settings.models or None, settings.pin_versions)
+        except Exception as error:  # noqa: BLE001 - any repository problem becomes a readiness reason
+            self.problems = [str(error)]
+            log.error("cannot serve the repository: %s", error)
+            return
+        for entry in entries:
+            try:
+                self.models[entry.name] = await asyncio.to_thread(self._start_model_sync, entry)
+                await self.models[entry.name].batcher.start()
+                loaded = self.models[entry.name].loaded
+                log.info("serving %s v%d (%s) on %s, variant %s, warm-up %.2fs", entry.name, entry.version, entry.task,
+                         loaded.provider, loaded.variant, loaded.warmup_s)
+            except Exception as error:  # noqa: BLE001
+                problems.append(f"model {entry.name} failed to load: {error}")
+                log.error("model %s failed to load: %s", entry.name, error)
+        self.problems = problems
+
+    def _start_model_sync(self, entry) -> ServedModel:
+        settings = self.settings
+        loaded = load_model(entry, device=settings.device, variant=settings.variant,
+                            intra_op_threads=settings.intra_op_threads or settings.cores)
+        max_batch = settings.batch_size_for(loaded.provider)
+        loaded.warm_up((1, max_batch))
+        self.metrics.model_info.labels(entry.name, str(entry.version), entry.task, loaded.provider, loaded.variant).set(1)
+        batcher = MicroBatcher(run_batch_for(loaded), max_batch_size=max_batch, max_delay_ms=settings.max_delay_ms,
+                               max_queue_images=settings.max_queue_images, observer=self.metrics.observer(entry.name), name=entry.name)
+        return ServedModel(loaded, batcher, ResizeSpec.from_metadata(entry.metadata), max_batch)
+
+    async def drain(self) -> None:
+        """Stop admitting, finish what was accepted (bounded by the drain timeout), release the threads."""
+        self.draining = True
+        await asyncio.gather(*(m.batcher.stop(drain=True, timeout=self.settings.drain_timeout_s) for m in self.models.values()))
+        if self.decode_pool:
+            self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def model_for(self, task: str, name: str | None) -> ServedModel:
+        if self.draining:
+            raise NotReady("the server is shutting down")
+        candidates = sorted((m for m in self.models.values() if m.metadata["task"] == task), key=lambda m: m.name)
+        if name is not None:
+            for model in candidates:
+                if model.name == name:
+                    return model
+            other = self.models.get(name)
+            hint = f"; {name} is a {other.metadata['task']} model" if other else ""
+            raise NotFound(f"no {task} model named {name!r}{hint} (available: {', '.join(m.name for m in candidates) or 'none'})")
+        if not candidates:
+            if self.problems:
+                raise NotReady(f"no {task} model is ready: {'; '.join(self.problems)}")
+            raise NotFound(f"this server has no {task} model")
+        return candidates[0]

@@ -1,0 +1,302 @@
+"""End to end: the real `vit-serve` process on 127.0.0.1, a repository exported in the test session, real HTTP."""
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from export.pipeline import ExportRequest, export_checkpoint
+from model.checkpoints import save_checkpoint
+from model.data import SYNTHETIC_CLASSES, SYNTHETIC_MEAN, SYNTHETIC_STD, make_synthetic
+from model.mae import MaskedAutoencoder
+from model.presets import mae_preset, vit_preset
+from model.vit import VisionTransformer
+
+API_KEY = "test-secret-key"
+VIT_SERVE = str(Path(sys.executable).with_name("vit-serve"))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A small repository: a vit-test classifier and an mae-test embedder + reconstructor (16x16, patch 4)."""
+    root = tmp_path_factory.mktemp("serving")
+    torch.manual_seed(0)
+    save_checkpoint(root / "cls" / "checkpoint.pt", VisionTransformer(vit_preset("vit-test", num_classes=6)),
+                    labels=SYNTHETIC_CLASSES, mean=SYNTHETIC_MEAN, std=SYNTHETIC_STD)
+    save_checkpoint(root / "mae" / "checkpoint.pt", MaskedAutoencoder(mae_preset("mae-test")), mean=SYNTHETIC_MEAN, std=SYNTHETIC_STD)
+    repository = root / "repo"
+    export_checkpoint(ExportRequest(checkpoint=root / "cls" / "checkpoint.pt", repo=repository, name="shapes", int8=True))
+    export_checkpoint(ExportRequest(checkpoint=root / "mae" / "checkpoint.pt", repo=repository, name="mae"))
+    return repository
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, repo: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environment = {**os.environ, "VITSERVE_INTRA_OP_THREADS": "1", "VITSERVE_DECODE_THREADS": "2",
+                       **{f"VITSERVE_{k.upper()}": v for k, v in env.items()}}
+        self.process = subprocess.Popen([VIT_SERVE, "--repo", str(repo), "--port", str(self.port)], env=environment,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vit-serve exited: {self.process.stdout.read()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("vit-serve did not become ready")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        finally:
+            self.process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    srv = Server(repo, api_key=API_KEY)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as http:
+        yield http
+    assert httpx.get(f"{server.url}/healthz").status_code == 200  # the server survives every test
+
+
+def png_bytes(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def shapes(n: int, size: int = 16, seed: int = 5) -> list[bytes]:
+    return [png_bytes(img) for img in make_synthetic(n, size, seed=seed)[0]]
+
+
+def files(images: list[bytes]) -> list:
+    return [("file", (f"img{i}.png", data, "image/png")) for i, data in enumerate(images)]
+
+
+def assert_error(response: httpx.Response, status: int, kind: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"]["type"] == kind and body["error"]["message"]
+    return body["error"]
+
+
+# --- the happy paths ---------------------------------------------------------------------------------------
+
+def test_probes_and_model_listing(client, server):
+    assert httpx.get(f"{server.url}/readyz").json()["status"] == "ready"  # probes need no key
+    listing = {m["name"]: m for m in client.get("/models").json()["models"]}
+    assert set(listing) == {"shapes", "mae-embed", "mae-reconstruct"}
+    assert listing["shapes"]["task"] == "classify" and listing["shapes"]["labels"] == 6
+    assert listing["shapes"]["provider"] == "CPUExecutionProvider" and listing["shapes"]["variant"] == "fp32"
+    assert listing["shapes"]["batching"]["max_batch_size"] == 8
+
+
+def test_classify_multipart_with_several_images(client):
+    response = client.post("/classify", files=files(shapes(3)), data={"top_k": "2"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "shapes" and len(body["results"]) == 3
+    for result in body["results"]:
+        scores = [p["score"] for p in result["predictions"]]
+        assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+        assert all(p["label"] in SYNTHETIC_CLASSES for p in result["predictions"])
+    assert response.headers["x-request-id"]
+
+
+def test_classify_json_base64_and_data_url_agree_with_multipart(client):
+    image = shapes(1)[0]
+    by_json = client.post("/classify", json={"images": [base64.b64encode(image).decode(), "data:image/png;base64," + base64.b64encode(image).decode()]})
+    by_form = client.post("/classify", files=files([image]))
+    assert by_json.status_code == 200 and by_form.status_code == 200
+    assert by_json.json()["results"][0] == by_json.json()["results"][1] == by_form.json()["results"][0]
+
+
+def test_classify_scores_are_a_softmax_over_all_labels(client):
+    body = client.post("/classify", files=files(shapes(1)), data={"top_k": "6"}).json()
+    assert sum(p["score"] for p in body["results"][0]["predictions"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_embed_normalised_and_raw(client):
+    normalised = client.post("/embed", files=files(shapes(2))).json()
+    raw = client.post("/embed", files=files(shapes(2)), data={"normalize": "false"}).json()
+    assert normalised["dim"] == 32 and normalised["pooling"] == "cls" and normalised["normalized"] is True
+    vectors = np.array(normalised["embeddings"])
+    assert vectors.shape == (2, 32) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    raw_vectors = np.array(raw["embeddings"])
+    assert np.allclose(raw_vectors / np.linalg.norm(raw_vectors, axis=1, keepdims=True), vectors, atol=1e-5)
+
+
+def test_reconstruct_with_a_seed_is_reproducible_and_masks_the_right_share(client):
+    first = client.post("/reconstruct", files=files(shapes(2)), data={"seed": "3", "mask_ratio": "0.75"})
+    second = client.post("/reconstruct", files=files(shapes(2)), data={"seed": "3", "mask_ratio": "0.75"})
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert body["grid"] == [4, 4] and body["visible_patches"] == 4
+    for result in body["results"]:
+        assert len(result["mask"]) == 16 and sum(result["mask"]) == 12 and result["mse"] >= 0
+        for key in ("masked_png", "reconstruction_png", "composite_png"):
+            assert Image.open(io.BytesIO(base64.b64decode(result[key]))).size == (16, 16)
+    assert body["results"] == second.json()["results"]
+
+
+def test_reconstruct_with_explicit_visible_patches_keeps_exactly_those(client):
+    body = client.post("/reconstruct", json={"images": [base64.b64encode(shapes(1)[0]).decode()], "visible": [0, 5, 10, 15]}).json()
+    assert [i for i, m in enumerate(body["results"][0]["mask"]) if m == 0] == [0, 5, 10, 15]
+    composite = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["results"][0]["composite_png"]))))
+    original = make_synthetic(1, 16, seed=5)[0][0]
+    assert np.array_equal(composite[:4, :4], original[:4, :4])  # patch 0 was visible: copied from the input
+
+
+def test_reconstruct_returns_the_composite_png_when_asked(client):
+    response = client.post("/reconstruct", files=files(shapes(1)), headers={"Accept": "image/png"})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(response.content)).size == (16, 16)
+
+
+def test_concurrent_requests_are_batched(client, server):
+    def one(_):
+        with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=30) as http:
+            return http.post("/classify", files=files(shapes(1))).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        assert set(pool.map(one, range(48))) == {200}
+    metrics = client.get("/metrics").text
+    count = sample(metrics, 'vitserve_batch_size_count{model="shapes"}')
+    total = sample(metrics, 'vitserve_batch_size_sum{model="shapes"}')
+    assert total > count, "every batch held one image: nothing was batched"
+    assert sample(metrics, 'vitserve_requests_total{method="POST",route="/classify",status="200"}') >= 48
+
+
+def sample(metrics: str, name: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+def test_a_bad_image_names_its_index_and_nothing_is_inferred(client):
+    before = sample(client.get("/metrics").text, 'vitserve_images_inferred_total{model="shapes"}')
+    error = assert_error(client.post("/classify", files=files([shapes(1)[0], b"not an image", shapes(1)[0]])), 400, "invalid_image")
+    assert error["index"] == 1
+    assert sample(client.get("/metrics").text, 'vitserve_images_inferred_total{model="shapes"}') == before
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, kind",
+    [
+        (dict(content=b"raw bytes", headers={"Content-Type": "application/octet-stream"}), 415, "unsupported_media_type"),
+        (dict(json={"images": []}), 422, "invalid_parameter"),
+        (dict(json={"images": ["%%% not base64 %%%"]}), 400, "invalid_image"),
+        (dict(json={"top_k": 3}), 422, "invalid_parameter"),
+        (dict(data={"top_k": "2"}, files=[("file", ("a.png", b"", "image/png"))]), 400, "invalid_image"),
+        (dict(data={"top_k": "0"}, files=[("file", ("a.png", b"x", "image/png"))]), 422, "invalid_parameter"),
+        (dict(params={"top_k": "zero"}, json={"images": [base64.b64encode(b"x").decode()]}), 422, "invalid_parameter"),
+        (dict(params={"model": "nope"}, json={"images": [base64.b64encode(b"x").decode()]}), 404, "not_found"),
+        (dict(json={"images": [base64.b64encode(b"x").decode()] * 33}), 413, "payload_too_large"),
+    ],
+)
+def test_bad_classify_requests_get_the_envelope_and_status(client, kwargs, status, kind):
+    assert_error(client.post("/classify", **kwargs), status, kind)
+
+
+@pytest.mark.parametrize(
+    "data, kind",
+    [({"mask_ratio": "1.5"}, "invalid_parameter"), ({"mask_ratio": "0"}, "invalid_parameter"),
+     ({"visible": "0,99"}, "invalid_parameter"), ({"visible": "1,1"}, "invalid_parameter"),
+     ({"visible": "0", "masked": "1"}, "invalid_parameter"), ({"masked": ",".join(map(str, range(16)))}, "invalid_parameter"),
+     ({"seed": "-1"}, "invalid_parameter")],
+)
+def test_bad_reconstruct_parameters_are_422(client, data, kind):
+    assert_error(client.post("/reconstruct", files=files(shapes(1)), data=data), 422, kind)
+
+
+def test_a_model_of_another_task_is_not_found(client):
+    error = assert_error(client.post("/classify", files=files(shapes(1)), params={"model": "mae-embed"}), 404, "not_found")
+    assert "embed model" in error["message"]
+
+
+def test_an_oversized_body_is_refused_with_413(client):
+    assert_error(client.post("/classify", files=[("file", ("big.png", b"0" * (17 * 1024 * 1024), "image/png"))]), 413, "payload_too_large")
+
+
+def test_too_many_pixels_are_refused_before_decoding(client):
+    huge = png_bytes(np.zeros((7000, 6000, 3), dtype=np.uint8))  # 42 MP, a few hundred KB compressed
+    assert_error(client.post("/classify", files=files([huge])), 413, "payload_too_large")
+
+
+def test_api_key_is_required_except_for_probes(server):
+    assert_error(httpx.post(f"{server.url}/classify", files=files(shapes(1))), 401, "unauthorized")
+    assert_error(httpx.get(f"{server.url}/models", headers={"X-API-Key": "wrong"}), 401, "unauthorized")
+    assert httpx.get(f"{server.url}/models", headers={"X-API-Key": API_KEY}).status_code == 200
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+
+def test_unknown_route_gets_the_envelope(client):
+    assert_error(client.get("/nope"), 404, "not_found")
+
+
+# --- lifecycle ---------------------------------------------------------------------------------------------
+
+def test_sigterm_during_load_answers_every_admitted_request(repo):
+    srv = Server(repo, max_delay_ms="5")
+    images = files(shapes(4))
+
+    def one(_):
+        try:
+            with httpx.Client(base_url=srv.url, timeout=30) as http:
+                return http.post("/classify", files=images).status_code
+        except httpx.TransportError:
+            return "not admitted"
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(one, i) for i in range(200)]
+        time.sleep(0.15)
+        srv.process.send_signal(signal.SIGTERM)
+        outcomes = [f.result() for f in futures]
+    print({o: outcomes.count(o) for o in set(outcomes)})
+    assert srv.stop() == 0
+    assert outcomes.count(200) >= 1 and len(outcomes) - outcomes.count(200) >= 1, "SIGTERM came too late to test draining"
+    assert set(outcomes) <= {200, "not admitted", 503}, outcomes
+
+
+def test_importing_the_service_does_not_import_torch():
+    code = "import sys, service.api, service.cli; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
