@@ -186,7 +186,7 @@ async def _prepare(state: ServiceState, model: ServedModel, images: list[bytes])
 async def _infer(request: Request, state: ServiceState, model: ServedModel, items: list[dict], timeout_ms: int | None,
                  batch_key: Any = None) -> list[dict[str, np.ndarray]]:
     budget_ms = min(timeout_ms or state.settings.timeout_ms, state.settings.timeout_ms)
-    deadline = time.monotonic() + budget_ms / 1000
+    deadline = request.scope["state"]["arrived"] + budget_ms / 1000
     return await model.batcher.submit(items, deadline=deadline, is_disconnected=request.is_disconnected, batch_key=batch_key)
 
 

@@ -24,8 +24,9 @@ class RequestContextMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get("x-request-id", "")
         request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
+        # the request's deadline counts from here: decoding time is part of the budget
+        scope.setdefault("state", {}).update(request_id=request_id, arrived=time.monotonic())
         status = {"code": 500}
 
         async def send_with_id(message) -> None:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -46,6 +46,13 @@ class Settings(BaseSettings):
         if not repo.is_dir():
             raise ValueError(f"model repository {repo} is not a directory (create one with vit-export)")
         return repo
+
+    @model_validator(mode="after")
+    def _a_request_must_fit_the_queue(self) -> "Settings":
+        if self.max_images_per_request > self.max_queue_images:
+            raise ValueError(f"max_images_per_request ({self.max_images_per_request}) must not exceed max_queue_images "
+                             f"({self.max_queue_images}): such a request could never be queued")
+        return self
 
     def batch_size_for(self, provider: str) -> int:
         return self.max_batch_size or (64 if provider == "CUDAExecutionProvider" else 8)

@@ -273,6 +273,39 @@ def test_unknown_route_gets_the_envelope(client):
     assert_error(client.get("/nope"), 404, "not_found")
 
 
+def test_a_request_whose_deadline_passes_gets_504(client):
+    big = png_bytes(np.random.default_rng(0).integers(0, 255, (1500, 1500, 3), dtype=np.uint8))  # decoding alone takes > 1 ms
+    assert_error(client.post("/classify", files=files([big]), data={"timeout_ms": "1"}), 504, "deadline_exceeded")
+
+
+def test_a_full_queue_refuses_at_once_with_503_and_retry_after(repo):
+    srv = Server(repo, max_queue_images="4", max_images_per_request="4", max_batch_size="1")
+    images = files(shapes(4))
+
+    def one(_):
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            return http.post("/classify", files=images)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(one, range(36)))
+        refused = [r for r in responses if r.status_code == 503]
+        assert refused and all(r.json()["error"]["type"] == "overloaded" and int(r.headers["retry-after"]) >= 1 for r in refused)
+        assert {r.status_code for r in responses} <= {200, 503}
+        assert "vitserve_rejections_total" in httpx.get(f"{srv.url}/metrics").text
+        assert httpx.get(f"{srv.url}/healthz").status_code == 200
+    finally:
+        assert srv.stop() == 0
+
+
+def test_settings_that_cannot_work_stop_the_server_with_a_clear_message(repo, tmp_path):
+    result = subprocess.run([VIT_SERVE, "--repo", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "is not a directory" in result.stderr
+    env = {**os.environ, "VITSERVE_MAX_QUEUE_IMAGES": "2"}
+    result = subprocess.run([VIT_SERVE, "--repo", str(repo)], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and "max_images_per_request" in result.stderr
+
+
 # --- lifecycle ---------------------------------------------------------------------------------------------
 
 def test_sigterm_during_load_answers_every_admitted_request(repo):
