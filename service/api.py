@@ -7,7 +7,6 @@ import contextlib
 import functools
 import hmac
 import logging
-import time
 from typing import Any
 
 import numpy as np
