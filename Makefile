@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 RUNS ?= runs
+MODELS ?= models
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-.PHONY: venv install test test-all demo demo-classifier demo-mae clean
+.PHONY: venv install test test-all demo demo-classifier demo-mae models serve clean
 
 venv: $(BIN)/.installed
 
@@ -28,11 +31,28 @@ test-all: venv
 
 demo: demo-classifier demo-mae
 
-demo-classifier: venv
+demo-classifier: $(RUNS)/demo-classifier/checkpoint.pt
+demo-mae: $(RUNS)/demo-mae/checkpoint.pt
+
+# Train only when the checkpoint is missing (delete it, or use vit-train directly, to retrain).
+$(RUNS)/demo-classifier/checkpoint.pt: | $(BIN)/.installed
 	$(BIN)/vit-train classifier --out $(RUNS)/demo-classifier
 
-demo-mae: venv
+$(RUNS)/demo-mae/checkpoint.pt: | $(BIN)/.installed
 	$(BIN)/vit-train mae --out $(RUNS)/demo-mae
 
+# The demo model repository: exported once per new checkpoint.
+models: $(MODELS)/demo-classifier/config.pbtxt $(MODELS)/demo-mae-reconstruct/config.pbtxt
+
+$(MODELS)/demo-classifier/config.pbtxt: $(RUNS)/demo-classifier/checkpoint.pt
+	$(BIN)/vit-export --checkpoint $< --repo $(MODELS) --name demo-classifier --int8 --fp16
+
+$(MODELS)/demo-mae-reconstruct/config.pbtxt: $(RUNS)/demo-mae/checkpoint.pt
+	$(BIN)/vit-export --checkpoint $< --repo $(MODELS) --name demo-mae --int8 --fp16
+
+# Everything a fresh machine needs, then the service on $(HOST):$(PORT).
+serve: models
+	$(BIN)/vit-serve --repo $(MODELS) --host $(HOST) --port $(PORT)
+
 clean:
-	rm -rf $(VENV) $(RUNS) .pytest_cache
+	rm -rf $(VENV) $(RUNS) $(MODELS) .pytest_cache
