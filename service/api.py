@@ -23,6 +23,7 @@ from .errors import (
 from .images import decode_base64_image, encode_png, prepare_image
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware
+from .runtime import RuntimeStartError, cuda_available
 from .reconstruction import choose_mask, full_reconstruction, masked_input
 from .settings import Settings
 from .state import ServedModel, ServiceState
@@ -39,6 +40,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.device == "cuda" and not cuda_available():  # refuse to start rather than serve on the wrong device
+            raise RuntimeStartError("--device cuda, but this onnxruntime has no CUDA provider (install the gpu extra: onnxruntime-gpu)")
         loading = asyncio.create_task(state.load())  # /healthz answers while models load; /readyz says why not ready
         yield
         loading.cancel()

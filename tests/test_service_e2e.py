@@ -333,3 +333,19 @@ def test_sigterm_during_load_answers_every_admitted_request(repo):
 def test_importing_the_service_does_not_import_torch():
     code = "import sys, service.api, service.cli; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+def test_cuda_device_serves_on_the_cuda_provider(repo):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("no CUDA provider in this onnxruntime (CPU-only machine)")
+    srv = Server(repo, device="cuda")
+    try:
+        listing = {m["name"]: m for m in httpx.get(f"{srv.url}/models").json()["models"]}
+        assert listing["shapes"]["provider"] == "CUDAExecutionProvider"
+        assert listing["shapes"]["batching"]["max_batch_size"] == 64
+        response = httpx.post(f"{srv.url}/classify", files=files(shapes(3)))
+        assert response.status_code == 200 and len(response.json()["results"]) == 3
+    finally:
+        assert srv.stop() == 0

@@ -1,0 +1,41 @@
+"""What a serving install contains: the `serve` extra must never bring torch, and torch is pinned exactly."""
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+PYPROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+EXTRAS = PYPROJECT["project"]["optional-dependencies"]
+
+
+def test_the_serve_extra_has_no_torch_and_no_training_packages():
+    names = {re.split(r"[<>=\[ ;]", req)[0].lower() for req in EXTRAS["serve"]}
+    assert not names & {"torch", "einops", "onnxscript", "transformers", "vitserve"}
+
+
+def test_torch_is_pinned_exactly_wherever_it_appears():
+    for extra, requirements in EXTRAS.items():
+        for requirement in requirements:
+            if re.match(r"torch\b", requirement):
+                assert requirement == "torch==2.13.0", f"{extra}: {requirement}"
+
+
+def test_the_service_package_never_imports_torch_model_or_export():
+    sources = (Path(__file__).resolve().parents[1] / "service").glob("*.py")
+    pattern = re.compile(r"^\s*(import|from)\s+(torch|model|export|einops)\b", re.M)
+    offenders = [p.name for p in sources if pattern.search(p.read_text())]
+    assert not offenders
+
+
+def test_device_cuda_without_a_cuda_provider_refuses_to_start(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    vit_serve = str(Path(sys.executable).with_name("vit-serve"))
+    result = subprocess.run([vit_serve, "--repo", str(tmp_path), "--device", "cuda", "--port", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "no CUDA provider" in result.stdout + result.stderr
