@@ -335,11 +335,15 @@ def test_importing_the_service_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def cuda_provider_available() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 @pytest.mark.gpu
+@pytest.mark.skipif(not cuda_provider_available(), reason="no CUDA provider in this onnxruntime (CPU-only machine)")
 def test_cuda_device_serves_on_the_cuda_provider(repo):
-    onnxruntime = pytest.importorskip("onnxruntime")
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        pytest.skip("no CUDA provider in this onnxruntime (CPU-only machine)")
     srv = Server(repo, device="cuda")
     try:
         listing = {m["name"]: m for m in httpx.get(f"{srv.url}/models").json()["models"]}
