@@ -5,7 +5,6 @@ import asyncio
 import base64
 import contextlib
 import functools
-import hmac
 import logging
 from typing import Any
 
@@ -18,11 +17,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import schemas
 from .errors import (
-    BadRequest, InvalidParameter, NotFound, PayloadTooLarge, ServiceError, Unauthorized, UnsupportedMediaType,
+    BadRequest, InvalidParameter, MethodNotAllowed, NotFound, Overloaded, PayloadTooLarge, ServiceError, UnsupportedMediaType,
 )
 from .images import decode_base64_image, encode_png, prepare_image
 from .metrics import Metrics
-from .middleware import RequestContextMiddleware
+from .middleware import ApiKeyMiddleware, RequestContextMiddleware
 from .runtime import RuntimeStartError, cuda_available
 from .reconstruction import choose_mask, full_reconstruction, masked_input
 from .settings import Settings
@@ -52,23 +51,16 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="vitserve", version="0.1.0", lifespan=lifespan,
                   description="Vision Transformer inference: classification, embeddings and MAE reconstruction.")
     app.state.service = state
+    if settings.api_key is not None:  # added first: runs inside the request context (counted, logged, X-Request-ID)
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=OPEN_PATHS)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     _install_error_handlers(app)
 
-    @app.middleware("http")
-    async def require_api_key(request: Request, call_next):
-        key = settings.api_key.get_secret_value() if settings.api_key else None
-        if key and request.url.path not in OPEN_PATHS:
-            given = _presented_key(request)
-            if given is None or not hmac.compare_digest(given.encode(), key.encode()):
-                return _error_response(Unauthorized("missing or wrong API key (Authorization: Bearer <key> or X-API-Key)"), request)
-        return await call_next(request)
-
-    @app.get("/healthz", summary="Liveness: 200 while the process serves")
+    @app.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: 200 while the process serves")
     async def healthz() -> dict:
         return {"status": "alive"}
 
-    @app.get("/readyz", summary="Readiness: 200 when every model is loaded and warmed")
+    @app.api_route("/readyz", methods=["GET", "HEAD"], summary="Readiness: 200 when every model is loaded and warmed")
     async def readyz() -> JSONResponse:
         reasons = (["the server is shutting down"] if state.draining else []) + state.problems
         body = {"status": "ready" if not reasons else "not_ready", "reasons": reasons, "models": sorted(state.models)}
@@ -120,7 +112,8 @@ def create_app(settings: Settings) -> FastAPI:
         outputs = await _infer(request, state, model, items, params.timeout_ms, batch_key=keep)
         wants_png = "image/png" in request.headers.get("accept", "") and len(images) == 1
         if wants_png:
-            return Response(encode_png(outputs[0]["reconstruction"]), media_type="image/png")
+            png = await asyncio.get_running_loop().run_in_executor(state.decode_pool, encode_png, outputs[0]["reconstruction"])
+            return Response(png, media_type="image/png")
         results = await asyncio.get_running_loop().run_in_executor(state.decode_pool, _reconstruction_results, pixels, outputs, meta)
         return schemas.ReconstructResponse(model=model.name, version=model.loaded.entry.version, grid=meta["grid"],
                                            patch_size=meta["patch_size"], visible_patches=keep, results=results)
@@ -134,9 +127,16 @@ async def _read_request(request: Request, state: ServiceState, params_type: type
     """Image bytes and validated parameters from multipart/form-data (`file` parts) or JSON (`images`: base64)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     limit = state.settings.max_images_per_request
-    fields: dict[str, Any] = dict(request.query_params)
+    fields: dict[str, Any] = {}
+    for key, value in request.query_params.multi_items():
+        _add_field(fields, key, value)
     if content_type == "multipart/form-data":
-        form = await request.form(max_files=limit + 1, max_fields=64)
+        try:
+            form = await request.form(max_files=limit, max_fields=64)
+        except StarletteHTTPException as error:
+            if "Too many files" in str(error.detail):
+                raise PayloadTooLarge(f"more than {limit} images in one request; the limit is {limit}") from None
+            raise BadRequest(f"malformed multipart body: {error.detail}") from None
         images = []
         for key, value in form.multi_items():
             if key == "file" and hasattr(value, "read"):
@@ -144,14 +144,15 @@ async def _read_request(request: Request, state: ServiceState, params_type: type
             elif key == "file":
                 raise BadRequest("the 'file' part must be a file upload")
             else:
-                fields[key] = value
+                _add_field(fields, key, value)
     elif content_type == "application/json":
         try:
             body = schemas.JsonImages.model_validate_json(await request.body())
         except ValidationError as error:
             raise InvalidParameter(_validation_message(error)) from None
-        images = [decode_base64_image(text, index=i) for i, text in enumerate(body.images)]
-        fields.update(body.model_extra or {})
+        images = list(body.images)  # still base64: decoded in the decode threads, off the event loop
+        for key, value in (body.model_extra or {}).items():
+            _add_field(fields, key, value)
     else:
         raise UnsupportedMediaType(f"send images as multipart/form-data ('file' parts) or application/json ('images': base64); got {content_type or 'no content type'}")
     if not images:
@@ -165,6 +166,19 @@ async def _read_request(request: Request, state: ServiceState, params_type: type
     return images, params
 
 
+LIST_FIELDS = {"visible", "masked"}
+
+
+def _add_field(fields: dict[str, Any], key: str, value: Any) -> None:
+    """Repeated list fields (visible=0&visible=3) accumulate; any other field given twice is an error, not a silent pick."""
+    if key not in fields:
+        fields[key] = value
+    elif key in LIST_FIELDS:
+        fields[key] = f"{fields[key]},{value}" if isinstance(value, str) and isinstance(fields[key], str) else value
+    else:
+        raise InvalidParameter(f"parameter {key!r} is given more than once")
+
+
 def _validation_message(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
@@ -173,10 +187,20 @@ def _validation_message(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-async def _prepare(state: ServiceState, model: ServedModel, images: list[bytes]) -> list[np.ndarray]:
-    """Decode and resize every image in the decode threads; the lowest-index failure is reported and nothing is inferred."""
+def _decode_and_prepare(data: bytes | str, model: ServedModel, limits, index: int) -> np.ndarray:
+    raw = decode_base64_image(data, index=index) if isinstance(data, str) else data
+    return prepare_image(raw, model.resize, limits, index=index)
+
+
+async def _prepare(state: ServiceState, model: ServedModel, images: list[bytes | str]) -> list[np.ndarray]:
+    """Decode and resize every image in the decode threads; the lowest-index failure is reported and nothing is inferred.
+
+    Refuses at once, before any decoding, when the model's queue cannot take this many images now."""
+    if model.batcher.queued_images + len(images) > state.settings.max_queue_images:
+        state.metrics.rejections.labels(model.name, "queue_full").inc()
+        raise Overloaded(f"model {model.name} has {model.batcher.queued_images} images queued; try again shortly")
     loop = asyncio.get_running_loop()
-    jobs = [loop.run_in_executor(state.decode_pool, functools.partial(prepare_image, data, model.resize, state.limits, index=i))
+    jobs = [loop.run_in_executor(state.decode_pool, functools.partial(_decode_and_prepare, data, model, state.limits, i))
             for i, data in enumerate(images)]
     results = await asyncio.gather(*jobs, return_exceptions=True)
     for result in results:
@@ -231,13 +255,6 @@ def _describe(model: ServedModel, settings: Settings) -> dict:
     }
 
 
-def _presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return request.headers.get("x-api-key")
-
-
 # --- errors ------------------------------------------------------------------------------------------------
 
 def _error_response(error: ServiceError, request: Request) -> JSONResponse:
@@ -255,8 +272,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        kind = NotFound if error.status_code == 404 else BadRequest
-        wrapped = kind(str(error.detail))
+        kind = {404: NotFound, 405: MethodNotAllowed}.get(error.status_code, BadRequest)
+        wrapped = kind(str(error.detail), headers=dict(error.headers or {}))
         wrapped.status = error.status_code
         return _error_response(wrapped, request)
 

@@ -36,6 +36,10 @@ class NotFound(ServiceError):
     status, type = 404, "not_found"
 
 
+class MethodNotAllowed(ServiceError):
+    status, type = 405, "method_not_allowed"
+
+
 class PayloadTooLarge(ServiceError):
     status, type = 413, "payload_too_large"
 

@@ -249,6 +249,10 @@ def _describe(exc: Exception) -> str:
 
 # ---------------------------------------------------------------------------------------------- resizing
 
+# Beyond this many times the target's pixels, the resize-then-crop intermediate is skipped (memory bound).
+MAX_INTERMEDIATE_FACTOR = 64
+
+
 def resize_for_model(image: Image.Image, spec: ResizeSpec) -> np.ndarray:
     """RGB image -> uint8 (H, W, 3), exactly as training evaluation (model/transforms.py resize_and_centre_crop).
 
@@ -262,7 +266,13 @@ def resize_for_model(image: Image.Image, spec: ResizeSpec) -> np.ndarray:
         scale = max(height / spec.crop_fraction / image.height, width / spec.crop_fraction / image.width)
         new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
         left, top = (new_w - width) // 2, (new_h - height) // 2
-        image = image.resize((new_w, new_h), RESAMPLING[spec.interpolation]).crop((left, top, left + width, top + height))
+        if new_w * new_h <= MAX_INTERMEDIATE_FACTOR * width * height:
+            image = image.resize((new_w, new_h), RESAMPLING[spec.interpolation]).crop((left, top, left + width, top + height))
+        else:
+            # An extreme aspect ratio (say 1x20000) would need a huge intermediate image: resample only the
+            # source region that the crop keeps, straight to (W, H). Not bit-identical to training, but bounded.
+            box = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
+            image = image.resize((width, height), RESAMPLING[spec.interpolation], box=box)
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 

@@ -1,16 +1,18 @@
 """Pure ASGI middleware around every request: request id, body-size limit, metrics, one access-log line."""
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
 import time
 import uuid
 
-from .errors import PayloadTooLarge, ServiceError
+from .errors import PayloadTooLarge, ServiceError, Unauthorized
 from .metrics import Metrics
 
 access_log = logging.getLogger("vitserve.access")
+log = logging.getLogger("vitserve")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -29,8 +31,11 @@ class RequestContextMiddleware:
         scope.setdefault("state", {}).update(request_id=request_id, arrived=time.monotonic())
         status = {"code": 500}
 
+        started_response = {"sent": False}
+
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
+                started_response["sent"] = True
                 status["code"] = message["status"]
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
@@ -39,10 +44,15 @@ class RequestContextMiddleware:
             declared = int(headers.get("content-length", "0") or 0)
         except ValueError:
             declared = 0
-        if declared > self.max_body_bytes:
-            await _send_error(send_with_id, PayloadTooLarge(f"request body is {declared} bytes; the limit is {self.max_body_bytes}"))
-        else:
-            await self.app(scope, self._limited(receive), send_with_id)
+        try:
+            if declared > self.max_body_bytes:
+                await _send_error(send_with_id, PayloadTooLarge(f"request body is {declared} bytes; the limit is {self.max_body_bytes}"))
+            else:
+                await self.app(scope, self._limited(receive), send_with_id)
+        except Exception:  # noqa: BLE001 - whatever escaped the app is still answered, counted and logged
+            log.exception("unexpected error in request %s", request_id)
+            if not started_response["sent"]:
+                await _send_error(send_with_id, ServiceError(f"unexpected error; see the server log for request {request_id}"))
         elapsed = time.perf_counter() - started
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
@@ -73,3 +83,21 @@ async def _send_error(send, error: ServiceError) -> None:
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class ApiKeyMiddleware:
+    """When a key is configured, every route but the open ones needs `Authorization: Bearer <key>` or `X-API-Key`.
+    Pure ASGI (not BaseHTTPMiddleware): it must not interfere with disconnect detection further in."""
+
+    def __init__(self, app, *, api_key: str, open_paths: set[str]) -> None:
+        self.app, self.key, self.open_paths = app, api_key.encode(), open_paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.open_paths:
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            auth = headers.get("authorization", "")
+            given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key")
+            if given is None or not hmac.compare_digest(given.encode(), self.key):
+                await _send_error(send, Unauthorized("missing or wrong API key (Authorization: Bearer <key> or X-API-Key)"))
+                return
+        await self.app(scope, receive, send)

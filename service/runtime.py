@@ -91,18 +91,23 @@ def load_model(entry: ModelVersion, *, device: str, variant: str, intra_op_threa
     if device == "cuda" and not cuda_available():
         raise RuntimeStartError("--device cuda, but this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
     chosen = choose_variant(entry, variant, want_cuda)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    providers = [CUDA, CPU] if want_cuda else [CPU]
-    session = ort.InferenceSession(str(entry.variant_path(chosen)), sess_options=options, providers=providers)
+    session = _session(entry, chosen, [CUDA, CPU] if want_cuda else [CPU], intra_op_threads)
     active = session.get_providers()[0]
     if want_cuda and active != CUDA:
         if device == "cuda":
             raise RuntimeStartError(f"--device cuda, but CUDA did not load for {entry.name} (active: {active}); check the CUDA/cuDNN libraries")
         log.warning("CUDA provider is installed but did not load for %s: serving on CPU", entry.name)
+        if variant == "auto" and chosen != "fp32":  # the fp16 graph was picked for a GPU that is not there
+            chosen, session = "fp32", _session(entry, "fp32", [CPU], intra_op_threads)
     elif device == "auto" and not want_cuda:
         log.warning("no CUDA provider in this onnxruntime: serving %s on CPU", entry.name)
     return LoadedModel(entry, session, active, chosen)
+
+
+def _session(entry: ModelVersion, variant: str, providers: list[str], intra_op_threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(entry.variant_path(variant)), sess_options=options, providers=providers)

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
             raise ValueError(f"model repository {repo} is not a directory (create one with vit-export)")
         return repo
 
+    @field_validator("api_key")
+    @classmethod
+    def _an_empty_key_is_a_mistake(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and not key.get_secret_value().strip():
+            raise ValueError("VITSERVE_API_KEY is set but empty; unset it to serve without a key")
+        return key
+
     @model_validator(mode="after")
     def _a_request_must_fit_the_queue(self) -> "Settings":
         if self.max_images_per_request > self.max_queue_images:

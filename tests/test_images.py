@@ -385,3 +385,23 @@ def test_base64_must_be_text():
     with pytest.raises(InvalidImage) as excinfo:
         decode_base64_image(b"QUJD", index=1)  # type: ignore[arg-type]
     assert_error(excinfo, InvalidImage, 400, "invalid_image", 1)
+
+
+def test_an_extreme_aspect_ratio_is_resized_without_a_huge_intermediate_image(monkeypatch):
+    from service.images import MAX_INTERMEDIATE_FACTOR, ImageLimits, ResizeSpec, prepare_image
+
+    requested = []
+    original_resize = Image.Image.resize
+
+    def recording_resize(self, size, *args, **kwargs):
+        requested.append(size)
+        return original_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
+    strip = Image.new("RGB", (20000, 1), (200, 10, 10))  # 162 bytes as PNG; naive resize-then-crop needs ~5 GB
+    buffer = io.BytesIO()
+    strip.save(buffer, format="PNG")
+    pixels = prepare_image(buffer.getvalue(), ResizeSpec(224, 224), ImageLimits())
+    assert pixels.shape == (224, 224, 3)
+    assert abs(int(pixels[112, 112, 0]) - 200) <= 2  # the colour survives
+    assert max(w * h for w, h in requested) <= MAX_INTERMEDIATE_FACTOR * 224 * 224

@@ -269,8 +269,28 @@ def test_api_key_is_required_except_for_probes(server):
     assert httpx.get(f"{server.url}/metrics").status_code == 200
 
 
-def test_unknown_route_gets_the_envelope(client):
+def test_unknown_route_and_wrong_method_get_the_envelope(client, server):
     assert_error(client.get("/nope"), 404, "not_found")
+    response = client.get("/classify")
+    assert_error(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["allow"]
+    assert httpx.head(f"{server.url}/healthz").status_code == 200
+
+
+def test_a_refused_request_still_gets_a_request_id(server):
+    response = httpx.post(f"{server.url}/classify", files=files(shapes(1)), headers={"X-Request-ID": "trace-42"})
+    assert_error(response, 401, "unauthorized")
+    assert response.headers["x-request-id"] == "trace-42"
+
+
+def test_repeated_parameters_accumulate_for_patch_lists_and_are_refused_otherwise(client):
+    body = client.post("/reconstruct?visible=0&visible=3", files=files(shapes(1))).json()
+    assert [i for i, m in enumerate(body["results"][0]["mask"]) if m == 0] == [0, 3]
+    assert_error(client.post("/classify?top_k=2&top_k=3", files=files(shapes(1))), 422, "invalid_parameter")
+
+
+def test_more_files_than_allowed_are_refused_with_413(client):
+    assert_error(client.post("/classify", files=files(shapes(1) * 40)), 413, "payload_too_large")
 
 
 def test_a_request_whose_deadline_passes_gets_504(client):
@@ -304,6 +324,9 @@ def test_settings_that_cannot_work_stop_the_server_with_a_clear_message(repo, tm
     env = {**os.environ, "VITSERVE_MAX_QUEUE_IMAGES": "2"}
     result = subprocess.run([VIT_SERVE, "--repo", str(repo)], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2 and "max_images_per_request" in result.stderr
+    env = {**os.environ, "VITSERVE_API_KEY": ""}
+    result = subprocess.run([VIT_SERVE, "--repo", str(repo)], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and "empty" in result.stderr
 
 
 # --- lifecycle ---------------------------------------------------------------------------------------------
