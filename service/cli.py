@@ -33,8 +33,12 @@ class DrainingServer(uvicorn.Server):
             self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
-def serve(settings: Settings) -> None:
+def setup_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def serve(settings: Settings) -> None:
+    setup_logging(settings)
     common = dict(host=settings.host, port=settings.port, loop="uvloop", http="httptools", log_level=settings.log_level,
                   access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s or None)
     if settings.workers > 1:
@@ -47,7 +51,10 @@ def serve(settings: Settings) -> None:
 
 
 def app_from_environment():
-    return create_app(Settings())
+    """The app of one worker process in `--workers N` mode (each worker has its own metrics registry)."""
+    settings = Settings()
+    setup_logging(settings)
+    return create_app(settings)
 
 
 def _export_to_environment(settings: Settings) -> None:
