@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install "torch==2.13.0"
-	$(BIN)/python -m pip install -e ".[train,export,serve,dev,reference]"
+	$(BIN)/python -m pip install -e ".[train,export,serve,dev,reference,bench]"
 	touch $@
 
 install: venv
@@ -53,6 +53,15 @@ $(MODELS)/demo-mae-reconstruct/config.pbtxt: $(RUNS)/demo-mae/checkpoint.pt
 # Everything a fresh machine needs, then the service on $(HOST):$(PORT).
 serve: models
 	$(BIN)/vit-serve --repo $(MODELS) --host $(HOST) --port $(PORT)
+
+# Benchmarks (not part of `make test`): BENCH_ARGS passes options, e.g. BENCH_ARGS="--models vit-tiny".
+BENCH_ARGS ?=
+.PHONY: bench bench-smoke
+bench: venv
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-smoke: venv
+	$(BIN)/python -m bench --smoke --out /tmp/vitserve-bench-smoke
 
 clean:
 	rm -rf $(VENV) $(RUNS) $(MODELS) .pytest_cache

@@ -1,0 +1,212 @@
+"""The contenders. Each serves the same exported model: raw onnxruntime in this process, the others as servers on
+127.0.0.1 that receive the same multipart JPEG requests. `start()`, then `run(...)` any number of times, `stop()`."""
+from __future__ import annotations
+
+import http.client
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .loadgen import LoadGenerator, multipart_image, request_once
+from .workload import BuiltModel, cores, preprocess, service_session
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+KINDS = ("raw", "vitserve", "vitserve-nobatch", "naive", "litserve")
+START_TIMEOUT_S = 180.0
+LITSERVE_MAX_BATCH_SIZE = 8
+# LitServe's batching docs and examples pair max_batch_size 8 with batch_timeout 0.05 s (its LitAPI docstring: 0.1).
+LITSERVE_BATCH_TIMEOUT_S = 0.05
+
+
+class Unavailable(Exception):
+    """A contender that cannot run on this machine; the message says why (and how to fix it)."""
+
+
+def make_contender(kind: str, model: BuiltModel, variant: str, jpegs: list[bytes], logs: Path, *,
+                   raw_max_batch: int = 32, sweep_s: float = 0.5,
+                   litserve_batch_timeout_s: float = LITSERVE_BATCH_TIMEOUT_S):
+    if kind == "raw":
+        return RawOrt(model, variant, jpegs, max_batch=raw_max_batch, sweep_s=sweep_s)
+    log = logs / f"{model.preset}-{variant}-{kind}.log"
+    if kind in ("vitserve", "vitserve-nobatch"):
+        argv = [str(Path(sys.executable).with_name("vit-serve")), "--repo", str(model.repo), "--variant", variant,
+                "--log-level", "warning", "--port"]
+        env = {"VITSERVE_MAX_BATCH_SIZE": "1"} if kind == "vitserve-nobatch" else {}
+        return Server(kind, variant, argv, env, "/readyz", "/classify", jpegs, log)
+    if kind == "naive":
+        _require("torch", "fastapi", "uvicorn", "multipart", hint="pip install -e '.[train,serve]'")
+        argv = [sys.executable, "-m", "bench.naive_server", "--checkpoint", str(model.checkpoint),
+                *(["--int8"] if variant == "int8" else []), "--port"]
+        return Server(kind, variant, argv, {}, "/healthz", "/classify", jpegs, log)
+    if kind == "litserve":
+        _require("litserve", hint="pip install litserve")
+        argv = [sys.executable, "-m", "bench.litserve_server", "--model-dir", str(model.version_dir), "--variant", variant,
+                "--max-batch-size", str(LITSERVE_MAX_BATCH_SIZE), "--batch-timeout", str(litserve_batch_timeout_s), "--port"]
+        return Server(kind, variant, argv, {}, "/health", "/predict", jpegs, log)
+    raise ValueError(f"unknown contender {kind!r}; known: {', '.join(KINDS)}")
+
+
+def _require(*modules: str, hint: str) -> None:
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise Unavailable(f"{', '.join(missing)} not installed ({hint})")
+
+
+class RawOrt:
+    """onnxruntime in this process on preprocessed uint8 tensors: the physical limit of the model on this machine.
+
+    `start` picks the best batch size (a short sweep) and measures the decode + resize CPU time per image. A run
+    times the best batch for `duration_s` (its throughput is the ceiling), then batch 1 for a quarter of that
+    (its latency is the floor: the run's p50/p99 are batch-1 latencies)."""
+
+    kind = "raw"
+
+    def __init__(self, model: BuiltModel, variant: str, jpegs: list[bytes], *, max_batch: int, sweep_s: float) -> None:
+        self.model, self.variant, self.jpegs = model, variant, jpegs
+        self.max_batch, self.sweep_s = max_batch, sweep_s
+        self.info: dict = {}
+
+    def start(self) -> None:
+        metadata = self.model.metadata
+        self.pixels = preprocess(self.jpegs, metadata)
+        decode_ms = _decode_cpu_ms(self.jpegs, metadata, seconds=self.sweep_s)
+        self.session = service_session(self.model.onnx_path(self.variant))
+        self.input_name = self.session.get_inputs()[0].name
+        sweep = {}
+        for batch in (b for b in (1, 2, 4, 8, 16, 32, 64) if b <= self.max_batch):
+            times = self._time(batch, self.sweep_s, min_runs=2)
+            sweep[batch] = batch / float(np.median(times))
+        self.best_batch = max(sweep, key=sweep.get)
+        self.info = {"best_batch": self.best_batch, "sweep_images_per_s": sweep, "decode_cpu_ms_per_image": decode_ms,
+                     "intra_op_threads": cores()}
+
+    def wait_ready(self) -> None:
+        pass
+
+    def run(self, generator: LoadGenerator | None, concurrency: int, duration_s: float, warmup_s: float) -> dict:
+        self._time(self.best_batch, warmup_s, min_runs=1)
+        batch_times = self._time(self.best_batch, duration_s, min_runs=3)
+        single = self._time(1, duration_s / 4, min_runs=10)
+        images = self.best_batch * len(batch_times)
+        return {
+            "images_per_s": images / sum(batch_times), "completed": images,
+            "p50_ms": float(np.percentile(single, 50)) * 1e3, "p99_ms": float(np.percentile(single, 99)) * 1e3,
+            "best_batch": self.best_batch, "best_batch_ms": float(np.median(batch_times)) * 1e3,
+            "inference_ms_per_image": float(np.median(batch_times)) * 1e3 / self.best_batch,
+            "errors": {},
+        }
+
+    def _time(self, batch: int, seconds: float, min_runs: int) -> list[float]:
+        feeds = {self.input_name: self.pixels[np.arange(batch) % len(self.pixels)]}
+        self.session.run(None, feeds)  # first run of a shape allocates
+        times, deadline = [], time.perf_counter() + seconds
+        while len(times) < min_runs or time.perf_counter() < deadline:
+            started = time.perf_counter()
+            self.session.run(None, feeds)
+            times.append(time.perf_counter() - started)
+        return times
+
+    def stop(self) -> None:
+        self.session = None
+
+
+def _decode_cpu_ms(jpegs: list[bytes], metadata: dict, seconds: float) -> float:
+    """CPU time of the service's decode + resize per image, on one thread."""
+    count, started, deadline = 0, time.thread_time(), time.perf_counter() + seconds
+    while count < len(jpegs) or time.perf_counter() < deadline:
+        preprocess([jpegs[count % len(jpegs)]], metadata)
+        count += 1
+    return (time.thread_time() - started) / count * 1e3
+
+
+class Server:
+    """A server process of ours or someone else's, started in its own session so that it and its children stop
+    together. `argv` ends with `--port`; the port is appended at start."""
+
+    def __init__(self, kind: str, variant: str, argv: list[str], env: dict[str, str], ready_path: str,
+                 request_path: str, jpegs: list[bytes], log: Path) -> None:
+        self.kind, self.variant, self.argv, self.env = kind, variant, argv, env
+        self.ready_path, self.log = ready_path, log
+        self.requests = [multipart_image(request_path, jpeg) for jpeg in jpegs]
+        self.process: subprocess.Popen | None = None
+        self.info: dict = {}
+
+    def start(self) -> None:
+        """Launch the process (returns at once: `wait_ready` waits, so several servers can start together)."""
+        self.port = _free_port()
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("VITSERVE_")}
+        environment.update(self.env, PYTHONPATH=str(ROOT))
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen([*self.argv, str(self.port)], env=environment, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.started_at = time.perf_counter()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.kind} ({self.variant}) exited with {self.process.returncode}:\n{self._log_tail()}")
+            if _get_status(self.port, self.ready_path) == 200:
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"{self.kind} ({self.variant}) not ready after {START_TIMEOUT_S:.0f} s:\n{self._log_tail()}")
+        self.info["start_s"] = time.perf_counter() - self.started_at
+        status, body = request_once(HOST, self.port, self.requests[0])
+        if status != 200:
+            raise RuntimeError(f"{self.kind} ({self.variant}) answered {status} to a real request: {body[:300]!r}")
+        self.info["example_response"] = json.loads(body)
+
+    def run(self, generator: LoadGenerator, concurrency: int, duration_s: float, warmup_s: float) -> dict:
+        result = generator.run(HOST, self.port, self.requests, concurrency, duration_s, warmup_s).summary()
+        result["images_per_s"] = result.pop("requests_per_s")  # one image per request
+        return result
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.process.pid, signal.SIGKILL)  # what is left of its session: LitServe's workers, say
+        self.process.wait()
+
+    def _log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _get_status(port: int, path: str) -> int | None:
+    connection = http.client.HTTPConnection(HOST, port, timeout=2)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status
+    except OSError:
+        return None
+    finally:
+        connection.close()

@@ -1,0 +1,201 @@
+"""From paired samples to figures: medians per (model, variant, contender, concurrency), paired ratios (the median of
+per-round ratios: both sides of a ratio ran in the same round, minutes apart at most), the physical limit, a printed
+summary, and the plot."""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+Key = tuple[str, str, str, int]  # model, variant, contender, concurrency
+# Below this many images per run, a count is coarse: a batching server completes images in bursts of up to its batch size.
+FEW_IMAGES = 80
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(samples: list[dict]) -> list[dict]:
+    """One row per (model, variant, contender, concurrency): medians over rounds."""
+    groups: dict[Key, list[dict]] = defaultdict(list)
+    for sample in samples:
+        groups[(sample["model"], sample["variant"], sample["contender"], sample["concurrency"])].append(sample)
+    rows = []
+    for (model, variant, contender, concurrency), group in groups.items():
+        errors: dict[str, int] = defaultdict(int)
+        for sample in group:
+            for key, count in sample.get("errors", {}).items():
+                errors[key] += count
+        rows.append({
+            "model": model, "variant": variant, "contender": contender, "concurrency": concurrency, "rounds": len(group),
+            "images_per_s": _median([s["images_per_s"] for s in group]),
+            "images_per_s_range": [min(s["images_per_s"] for s in group), max(s["images_per_s"] for s in group)],
+            "p50_ms": _median([s.get("p50_ms") for s in group]), "p99_ms": _median([s.get("p99_ms") for s in group]),
+            "completed": min(s.get("completed", 0) for s in group), "errors": dict(errors),
+            "client_cpu_cores": _median([s.get("client_cpu_cores") for s in group]),
+        })
+    return rows
+
+
+def _by_round(samples: list[dict], model: str, variant: str, contender: str, concurrency: int) -> dict[int, dict]:
+    return {s["round"]: s for s in samples if (s["model"], s["variant"], s["contender"], s["concurrency"])
+            == (model, variant, contender, concurrency)}
+
+
+def paired(samples: list[dict], name: str, model: str, concurrency: int, a: tuple[str, str], b: tuple[str, str],
+           metric_a: str = "images_per_s", metric_b: str | None = None, difference: bool = False) -> dict | None:
+    """a / b (or a - b) per round, for (contender, variant) pairs a and b; None when either was not measured."""
+    left = _by_round(samples, model, a[1], a[0], concurrency)
+    right = _by_round(samples, model, b[1], b[0], concurrency)
+    values = []
+    for round_index in sorted(set(left) & set(right)):
+        x, y = left[round_index].get(metric_a), right[round_index].get(metric_b or metric_a)
+        if x is None or y is None or (not difference and not y):
+            continue
+        values.append(x - y if difference else x / y)
+    if not values:
+        return None
+    return {"name": name, "model": model, "concurrency": concurrency, "a": "/".join(a), "b": "/".join(b),
+            "value": statistics.median(values), "per_round": values, "unit": "ms" if difference else "x"}
+
+
+def ratios(samples: list[dict], models: list[str], variants: list[str]) -> list[dict]:
+    """The ratios the issue asks for, each paired by round; those whose contenders or concurrency were not run are left out."""
+    wanted = []
+    for model in models:
+        for variant in variants:
+            vs = ("vitserve", variant)
+            wanted += [
+                paired(samples, "vitserve / raw ORT", model, 16, vs, ("raw", variant)),
+                paired(samples, "p50(c=1) - raw batch-1 latency", model, 1, vs, ("raw", variant), "p50_ms", difference=True),
+                paired(samples, "vitserve / vitserve-nobatch", model, 16, vs, ("vitserve-nobatch", variant)),
+                paired(samples, "vitserve / LitServe", model, 16, vs, ("litserve", variant)),
+                paired(samples, "vitserve / LitServe", model, 32, vs, ("litserve", variant)),
+                paired(samples, "vitserve / naive", model, 32, vs, ("naive", variant)),
+            ]
+        if "fp32" in variants and "int8" in variants:
+            for contender in ("vitserve", "raw", "litserve", "naive"):
+                wanted.append(paired(samples, "int8 / fp32", model, 16, (contender, "int8"), (contender, "fp32")))
+    return [r for r in wanted if r is not None]
+
+
+def physical_limits(samples: list[dict], raw_info: list[dict], cores: int) -> list[dict]:
+    """The limit of a machine that only decoded and inferred: CPU time per image (inference at the best batch on all
+    cores + decode/resize on one) shared over the cores; and how close vitserve comes to it, paired by round."""
+    rows = []
+    for info in raw_info:
+        model, variant = info["model"], info["variant"]
+        raw = [s for s in samples if (s["model"], s["variant"], s["contender"]) == (model, variant, "raw")]
+        if not raw:
+            continue
+        inference_ms = _median([s["inference_ms_per_image"] for s in raw])
+        decode_ms = info["decode_cpu_ms_per_image"]
+        cpu_ms = inference_ms * cores + decode_ms
+        row = {"model": model, "variant": variant, "cores": cores, "best_batch": info["best_batch"],
+               "inference_cpu_ms_per_image": inference_ms * cores, "decode_cpu_ms_per_image": decode_ms,
+               "cpu_ms_per_image": cpu_ms, "limit_images_per_s": cores * 1e3 / cpu_ms, "vitserve_fraction_of_limit": {}}
+        for concurrency in sorted({s["concurrency"] for s in raw}):
+            served = _by_round(samples, model, variant, "vitserve", concurrency)
+            limits = _by_round(samples, model, variant, "raw", concurrency)
+            fractions = [served[r]["images_per_s"] * (limits[r]["inference_ms_per_image"] * cores + decode_ms) / (cores * 1e3)
+                         for r in sorted(set(served) & set(limits))]
+            if fractions:
+                row["vitserve_fraction_of_limit"][concurrency] = statistics.median(fractions)
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ printing
+
+def fmt(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_summary(results: dict) -> None:
+    print(f"\n{'model':<10} {'variant':<7} {'contender':<17} {'c':>3} {'img/s':>10} {'p50 ms':>9} {'p99 ms':>9} "
+          f"{'rounds':>6} {'client cpu':>10}  errors")
+    for row in results["summary"]:
+        errors = ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or ""
+        coarse = "*" if row["completed"] < FEW_IMAGES else " "
+        print(f"{row['model']:<10} {row['variant']:<7} {row['contender']:<17} {row['concurrency']:>3} "
+              f"{fmt(row['images_per_s']):>9}{coarse} {fmt(row['p50_ms'], 2):>9} {fmt(row['p99_ms'], 2):>9} "
+              f"{row['rounds']:>6} {fmt(row['client_cpu_cores'], 2):>10}  {errors}")
+    if any(row["completed"] < FEW_IMAGES for row in results["summary"]):
+        print(f"* fewer than {FEW_IMAGES} images in a run: counted in bursts of up to a batch, so coarse; "
+              f"use a longer --duration or --min-images")
+    print("\nratios (median of per-round paired values):")
+    for r in results["ratios"]:
+        spread = ", ".join(fmt(v, 2) for v in r["per_round"])
+        print(f"  {r['model']:<10} c={r['concurrency']:<3} {r['name']:<32} {r['a']:>18} vs {r['b']:<18} "
+              f"{fmt(r['value'], 2):>7} {r['unit']}  [{spread}]")
+    print("\nphysical limit (CPU per image = inference at best batch x cores + decode/resize; shared over the cores):")
+    for row in results["physical_limits"]:
+        fractions = ", ".join(f"c={c}: {f:.2f}" for c, f in row["vitserve_fraction_of_limit"].items())
+        print(f"  {row['model']:<10} {row['variant']:<5} batch {row['best_batch']:>2}: "
+              f"inference {row['inference_cpu_ms_per_image']:.2f} "
+              f"+ decode {row['decode_cpu_ms_per_image']:.2f} CPU-ms/image -> {row['limit_images_per_s']:.1f} img/s on "
+              f"{row['cores']} cores; vitserve / limit: {fractions}")
+    ceiling = results["generator"]["ceiling"]
+    print(f"\nload generator: {results['generator']['processes']} processes; against a trivial endpoint at "
+          f"c={ceiling['concurrency']}: {ceiling['requests_per_s']:.0f} req/s, {fmt(ceiling['client_cpu_us_per_request'])} "
+          f"CPU-us per request")
+    for kind, reason in results["skipped"].items():
+        print(f"skipped {kind}: {reason}")
+
+
+# ------------------------------------------------------------------------------------------------ plotting
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    args = results["meta"]["args"]
+    panels = [(m, v) for m in args["models"] for v in args["variants"]
+              if any((r["model"], r["variant"]) == (m, v) for r in results["summary"])]
+    if not panels:
+        return
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    sparse = FuncFormatter(lambda value, _: f"{value:g}" if f"{value:e}"[0] in "25" else "")  # minor ticks: 2, 5, 20, 50...
+    limits = {(r["model"], r["variant"]): r["limit_images_per_s"] for r in results["physical_limits"]}
+    contenders = [c for c in args["contenders"] if any(r["contender"] == c for r in results["summary"])]
+    colours = {name: f"C{i}" for i, name in enumerate(contenders)}
+    figure, axes = plt.subplots(len(panels), 3, figsize=(15, 3.6 * len(panels)), squeeze=False)
+    for row_axes, (model, variant) in zip(axes, panels):
+        for contender in contenders:
+            rows = sorted((r for r in results["summary"]
+                           if (r["model"], r["variant"], r["contender"]) == (model, variant, contender)),
+                          key=lambda r: r["concurrency"])
+            if not rows:
+                continue
+            xs = [r["concurrency"] for r in rows]
+            style = dict(color=colours[contender], marker="o", label=contender)
+            if contender == "raw":
+                style.update(linestyle="--", marker="s")
+            row_axes[0].plot(xs, [r["images_per_s"] for r in rows], **style)
+            row_axes[1].plot(xs, [r["p50_ms"] for r in rows], **style)
+            row_axes[2].plot(xs, [r["p99_ms"] for r in rows], **style)
+        if (model, variant) in limits:
+            row_axes[0].axhline(limits[(model, variant)], color="black", linestyle=":", label="physical limit")
+        concurrencies = sorted({r["concurrency"] for r in results["summary"]})
+        for axis, title in zip(row_axes, ("images/s", "p50 latency (ms)", "p99 latency (ms)")):
+            axis.set_title(f"{model} {variant}: {title}")
+            axis.set_xscale("log", base=2)
+            axis.set_yscale("log")  # raw ORT and the naive server can be orders of magnitude apart
+            axis.yaxis.set_major_formatter(plain)
+            axis.yaxis.set_minor_formatter(sparse)
+            axis.tick_params(axis="y", which="minor", labelsize=7)
+            axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
+            axis.set_xlabel("concurrency (requests in flight)")
+            axis.grid(True, which="both", alpha=0.3)
+        row_axes[0].legend(fontsize=8)
+    meta = results["meta"]
+    figure.suptitle(f"{meta['created']}  {meta['cpu']} ({meta['cores']} cores); medians of {args['rounds']} paired "
+                    f"rounds of >= {args['duration']} s; raw ORT: best batch (img/s), batch 1 (latency)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,111 @@
+"""What every contender serves and receives: a random-weight classifier exported once into a cached model
+repository (fp32 + int8), 320x240 JPEG request bodies, and onnxruntime sessions built with the service's options.
+
+torch and export/ are imported only when a model has to be built, so the servers and the load generator stay light."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+from PIL import Image
+
+from service.images import ImageLimits, ResizeSpec, prepare_image
+from service.repository import METADATA_FILE, VARIANT_FILES, find_models
+
+NUM_CLASSES = 1000
+JPEG_SIZE = (320, 240)  # (width, height) of the request images
+JPEG_QUALITY = 90
+BIAS_SPREAD = 8.0  # class biases, in units of the random model's logit spread
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """One exported classifier: its PyTorch checkpoint (for the naive server) and a repository holding only it."""
+
+    preset: str
+    checkpoint: Path
+    repo: Path
+    version_dir: Path
+
+    @property
+    def metadata(self) -> dict:
+        return json.loads((self.version_dir / METADATA_FILE).read_text())
+
+    def onnx_path(self, variant: str) -> Path:
+        return self.version_dir / VARIANT_FILES[variant]
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def build_model(preset: str, cache: Path, log=print) -> BuiltModel:
+    """Random weights (seed 0), `num_classes=1000`, the preset's own image size; exported with --int8. Cached."""
+    root = cache / f"{preset}-{NUM_CLASSES}"
+    checkpoint, repo, done = root / "checkpoint.pt", root / "repo", root / "built.json"
+    if not done.is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        started = time.perf_counter()
+        _export_random_classifier(preset, checkpoint, repo)
+        done.write_text(json.dumps({"preset": preset, "export_s": round(time.perf_counter() - started, 1)}) + "\n")
+        log(f"{preset}: built and exported in {time.perf_counter() - started:.0f} s -> {repo}")
+    [entry] = find_models(repo)
+    return BuiltModel(preset, checkpoint, repo, entry.path)
+
+
+def _export_random_classifier(preset: str, checkpoint: Path, repo: Path) -> None:
+    import torch
+
+    from export.pipeline import ExportRequest, export_checkpoint
+    from model.checkpoints import save_checkpoint
+    from model.presets import vit_preset
+    from model.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(vit_preset(preset, num_classes=NUM_CLASSES)).eval()
+    with torch.no_grad():
+        # Random weights give near-tied logits: int8 rounding then flips the top-1 class and the export's agreement
+        # check (meant for trained models) refuses the variant. Class biases several logit spreads apart make the
+        # top-1 as decisive as a trained model's; weight values do not change the speed.
+        spread = vit(torch.randn(4, 3, *vit.config.image_size)).std()
+        vit.head.bias.copy_(torch.randn(NUM_CLASSES) * BIAS_SPREAD * spread)
+    save_checkpoint(checkpoint, vit)
+    export_checkpoint(ExportRequest(checkpoint=checkpoint, repo=repo, name=preset, int8=True))
+
+
+def make_jpegs(count: int = 16, seed: int = 0) -> list[bytes]:
+    """`count` different 320x240 JPEGs with photo-like smooth content (not noise, which JPEG compresses badly)."""
+    rng = np.random.default_rng(seed)
+    jpegs = []
+    for _ in range(count):
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+        smooth = np.asarray(coarse.resize(JPEG_SIZE, Image.Resampling.BICUBIC), dtype=np.int16)
+        grain = rng.integers(-12, 13, smooth.shape, dtype=np.int16)
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=JPEG_QUALITY)
+        jpegs.append(buffer.getvalue())
+    return jpegs
+
+
+def preprocess(jpegs: list[bytes], metadata: dict) -> np.ndarray:
+    """uint8 (N, H, W, 3): the service's own decode and resize (service.images.prepare_image)."""
+    spec, limits = ResizeSpec.from_metadata(metadata), ImageLimits()
+    return np.stack([prepare_image(data, spec, limits) for data in jpegs])
+
+
+def service_session(path: Path, threads: int | None = None) -> onnxruntime.InferenceSession:
+    """The session options of service/runtime.py on the CPU: intra-op threads = cores, sequential, one inter-op thread."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or cores()
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,41 @@
+"""`python -m bench --smoke` starts every contender, runs it briefly and writes the results JSON and the plot."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ALWAYS = {"raw", "vitserve", "vitserve-nobatch"}  # need only what the project itself installs
+OPTIONAL = {"naive": ("torch", "fastapi"), "litserve": ("litserve",)}  # skipped, with a reason, without their packages
+
+
+def test_smoke_benchmark_writes_json_and_png_with_every_contender(tmp_path):
+    completed = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    [json_path] = tmp_path.glob("*.json")
+    [png_path] = tmp_path.glob("*.png")
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads(json_path.read_text())
+
+    measured = {row["contender"] for row in results["summary"]}
+    assert ALWAYS <= measured
+    for kind, modules in OPTIONAL.items():
+        installed = all(importlib.util.find_spec(module) for module in modules)
+        if installed:
+            assert kind in measured, results["skipped"].get(kind)
+        else:
+            assert kind in results["skipped"] and results["skipped"][kind]
+    for row in results["summary"]:
+        assert row["images_per_s"] > 0 and row["p50_ms"] > 0 and not row["errors"], row
+    assert {(row["variant"], row["concurrency"]) for row in results["summary"]} == {
+        (variant, c) for variant in ("fp32", "int8") for c in (1, 16, 32)}
+
+    names = {ratio["name"] for ratio in results["ratios"]}
+    assert {"vitserve / raw ORT", "p50(c=1) - raw batch-1 latency", "int8 / fp32"} <= names
+    assert all(limit["limit_images_per_s"] > 0 for limit in results["physical_limits"])
+    assert results["generator"]["ceiling"]["requests_per_s"] > 0
