@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(32, ge=1)
     max_pixels: int = Field(40_000_000, ge=1, description="per image, checked before decoding")
     intra_op_threads: int | None = Field(None, ge=1, description="onnxruntime threads per model (default: CPU cores)")
-    decode_threads: int | None = Field(None, ge=1, description="image decoding threads (default: CPU cores)")
+    decode_threads: int | None = Field(None, ge=1, description="image decoding threads (default: half the CPU cores, at least 1)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued and running work may take")
     api_key: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>' or 'X-API-Key'")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
