@@ -5,7 +5,6 @@ import asyncio
 import base64
 import contextlib
 import functools
-import logging
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import schemas
 from .errors import (
-    BadRequest, InvalidParameter, MethodNotAllowed, NotFound, Overloaded, PayloadTooLarge, ServiceError, UnsupportedMediaType,
+    BadRequest, InvalidParameter, MethodNotAllowed, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType,
 )
 from .images import decode_base64_image, encode_png, prepare_image
 from .metrics import Metrics
@@ -27,7 +26,6 @@ from .reconstruction import choose_mask, full_reconstruction, masked_input
 from .settings import Settings
 from .state import ServedModel, ServiceState
 
-log = logging.getLogger("vitserve")
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
 ERRORS = {"model": schemas.ErrorResponse}
 ERROR_RESPONSES = {code: ERRORS for code in (400, 401, 404, 413, 415, 422, 503, 504)}
@@ -196,9 +194,7 @@ async def _prepare(state: ServiceState, model: ServedModel, images: list[bytes |
     """Decode and resize every image in the decode threads; the lowest-index failure is reported and nothing is inferred.
 
     Refuses at once, before any decoding, when the model's queue cannot take this many images now."""
-    if model.batcher.queued_images + len(images) > state.settings.max_queue_images:
-        state.metrics.rejections.labels(model.name, "queue_full").inc()
-        raise Overloaded(f"model {model.name} has {model.batcher.queued_images} images queued; try again shortly")
+    model.batcher.check_capacity(len(images))
     loop = asyncio.get_running_loop()
     jobs = [loop.run_in_executor(state.decode_pool, functools.partial(_decode_and_prepare, data, model, state.limits, i))
             for i, data in enumerate(images)]
@@ -257,29 +253,22 @@ def _describe(model: ServedModel, settings: Settings) -> dict:
 
 # --- errors ------------------------------------------------------------------------------------------------
 
-def _error_response(error: ServiceError, request: Request) -> JSONResponse:
+def _error_response(error: ServiceError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, error: ServiceError) -> JSONResponse:
-        return _error_response(error, request)
+        return _error_response(error)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        return _error_response(InvalidParameter(str(error.errors())), request)
+        return _error_response(InvalidParameter(str(error.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         kind = {404: NotFound, 405: MethodNotAllowed}.get(error.status_code, BadRequest)
         wrapped = kind(str(error.detail), headers=dict(error.headers or {}))
         wrapped.status = error.status_code
-        return _error_response(wrapped, request)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        request_id = request.scope.get("state", {}).get("request_id", "-")
-        log.exception("unexpected error in request %s", request_id)
-        return JSONResponse({"error": {"type": "internal_error", "message": f"unexpected error; see the server log for request {request_id}"}},
-                            status_code=500)
+        return _error_response(wrapped)

@@ -155,9 +155,7 @@ class MicroBatcher:
         if deadline is not None and deadline <= time.monotonic():
             self._notify("rejected", "deadline")
             raise DeadlineExceeded(f"deadline passed before the request reached model '{self.name}'")
-        if self._queued + len(items) > self.max_queue_images:
-            self._notify("rejected", "queue_full")
-            raise self._overloaded(len(items))
+        self.check_capacity(len(items))
 
         loop = asyncio.get_running_loop()
         request = _Request(items, loop.create_future(), loop.time(), deadline, is_disconnected, batch_key)
@@ -175,6 +173,13 @@ class MicroBatcher:
         finally:
             if request.timer is not None:
                 request.timer.cancel()
+
+    def check_capacity(self, images: int) -> None:
+        """Refuse at once (Overloaded, with Retry-After) when `images` more would not fit the queue now.
+        Callers may ask before doing per-request work (decoding), not only at submit."""
+        if self._queued + images > self.max_queue_images:
+            self._notify("rejected", "queue_full")
+            raise self._overloaded(images)
 
     async def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Refuse new work; with `drain`, finish what is queued and running first (up to `timeout`)."""

@@ -60,7 +60,8 @@ class LoadedModel:
             shape = [batch if i == 0 and d == -1 else d for i, d in enumerate(spec["shape"])]
             feeds[spec["name"]] = np.zeros(shape, dtype=NUMPY_DTYPES[spec["dtype"]])
         if "keep" in feeds:
-            feeds["keep"] = np.array(max(1, int(self.metadata["num_patches"] * (1 - 0.75))), dtype=np.int64)
+            ratio = self.metadata["reconstruction"]["default_mask_ratio"]
+            feeds["keep"] = np.array(max(1, int(self.metadata["num_patches"] * (1 - ratio))), dtype=np.int64)
         return feeds
 
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
