@@ -24,7 +24,7 @@ from importlib import metadata as package_metadata
 from pathlib import Path
 
 from . import report
-from .contenders import KINDS, LITSERVE_BATCH_TIMEOUT_S, Unavailable, make_contender
+from .contenders import KINDS, LITSERVE_BATCH_TIMEOUT_S, Unavailable, make_contender, parse_kind
 from .loadgen import LoadGenerator, multipart_image, start_trivial_server
 from .workload import build_model, cores, make_jpegs
 
@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "server completes images in bursts, and a count over few bursts is coarse")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each run")
     parser.add_argument("--rounds", type=int, default=3, help="paired rounds per (model, concurrency)")
-    parser.add_argument("--contenders", default=",".join(KINDS), help=f"any of {','.join(KINDS)}")
+    parser.add_argument("--contenders", default=",".join(KINDS),
+                        help=f"any of {','.join(KINDS)}; a vitserve contender may carry settings to compare: "
+                             "vitserve+max_batch_size=16+decode_threads=1 (VITSERVE_* names, lower case)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory")
     parser.add_argument("--cache", type=Path, default=None, help="exported models (default: OUT/cache)")
     parser.add_argument("--client-processes", type=int, default=None, help="load generator processes (default: cores)")
@@ -59,9 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args = parser.parse_args(argv)
     args.models, args.variants, args.contenders = (_names(v) for v in (args.models, args.variants, args.contenders))
     args.concurrency = [int(c) for c in _names(args.concurrency)]
-    unknown = set(args.contenders) - set(KINDS)
-    if unknown:
-        parser.error(f"unknown contenders {', '.join(sorted(unknown))}; known: {', '.join(KINDS)}")
+    for kind in args.contenders:
+        try:
+            parse_kind(kind)
+        except ValueError as error:
+            parser.error(str(error))
     args.cache = args.cache or args.out / "cache"
     args.client_processes = args.client_processes or cores()
     return args

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,28 +32,46 @@ class Unavailable(Exception):
     """A contender that cannot run on this machine; the message says why (and how to fix it)."""
 
 
+def parse_kind(kind: str) -> tuple[str, dict[str, str]]:
+    """`vitserve+max_batch_size=16+decode_threads=1` -> ("vitserve", {"VITSERVE_MAX_BATCH_SIZE": "16", ...}): a
+    vitserve contender with other settings, so that settings can be compared side by side in one paired run."""
+    base, *settings = kind.split("+")
+    if base not in KINDS:
+        raise ValueError(f"unknown contender {base!r}; known: {', '.join(KINDS)}")
+    if settings and not base.startswith("vitserve"):
+        raise ValueError(f"only vitserve contenders take settings (NAME=VALUE after '+'): {kind!r}")
+    env = {}
+    for setting in settings:
+        name, equals, value = setting.partition("=")
+        if not equals or not name.strip():
+            raise ValueError(f"bad setting {setting!r} in {kind!r}: write NAME=VALUE, e.g. vitserve+max_batch_size=16")
+        env["VITSERVE_" + name.strip().upper().replace("-", "_")] = value.strip()
+    return base, env
+
+
 def make_contender(kind: str, model: BuiltModel, variant: str, jpegs: list[bytes], logs: Path, *,
                    raw_max_batch: int = 32, sweep_s: float = 0.5,
                    litserve_batch_timeout_s: float = LITSERVE_BATCH_TIMEOUT_S):
-    if kind == "raw":
+    base, settings = parse_kind(kind)
+    if base == "raw":
         return RawOrt(model, variant, jpegs, max_batch=raw_max_batch, sweep_s=sweep_s)
     log = logs / f"{model.preset}-{variant}-{kind}.log"
-    if kind in ("vitserve", "vitserve-nobatch"):
+    if base in ("vitserve", "vitserve-nobatch"):
         argv = [str(Path(sys.executable).with_name("vit-serve")), "--repo", str(model.repo), "--variant", variant,
                 "--log-level", "warning", "--port"]
-        env = {"VITSERVE_MAX_BATCH_SIZE": "1"} if kind == "vitserve-nobatch" else {}
-        return Server(kind, variant, argv, env, "/readyz", "/classify", jpegs, log)
-    if kind == "naive":
+        env = {"VITSERVE_MAX_BATCH_SIZE": "1"} if base == "vitserve-nobatch" else {}
+        return Server(kind, variant, argv, {**env, **settings}, "/readyz", "/classify", jpegs, log)
+    if base == "naive":
         _require("torch", "fastapi", "uvicorn", "multipart", hint="pip install -e '.[train,serve]'")
         argv = [sys.executable, "-m", "bench.naive_server", "--checkpoint", str(model.checkpoint),
                 *(["--int8"] if variant == "int8" else []), "--port"]
         return Server(kind, variant, argv, {}, "/healthz", "/classify", jpegs, log)
-    if kind == "litserve":
+    if base == "litserve":
         _require("litserve", hint="pip install litserve")
         argv = [sys.executable, "-m", "bench.litserve_server", "--model-dir", str(model.version_dir), "--variant", variant,
                 "--max-batch-size", str(LITSERVE_MAX_BATCH_SIZE), "--batch-timeout", str(litserve_batch_timeout_s), "--port"]
         return Server(kind, variant, argv, {}, "/health", "/predict", jpegs, log)
-    raise ValueError(f"unknown contender {kind!r}; known: {', '.join(KINDS)}")
+    raise AssertionError(base)
 
 
 def _require(*modules: str, hint: str) -> None:
@@ -64,9 +83,11 @@ def _require(*modules: str, hint: str) -> None:
 class RawOrt:
     """onnxruntime in this process on preprocessed uint8 tensors: the physical limit of the model on this machine.
 
-    `start` picks the best batch size (a short sweep) and measures the decode + resize CPU time per image. A run
-    times the best batch for `duration_s` (its throughput is the ceiling), then batch 1 for a quarter of that
-    (its latency is the floor: the run's p50/p99 are batch-1 latencies)."""
+    `start` sweeps batch sizes in two layouts and keeps the fastest: one runner on a session with `cores` intra-op
+    threads, and `cores` runner threads sharing a session with one thread each (what `vit-serve --instances` does).
+    It also measures the decode + resize CPU time per image. A run times the best layout and batch for
+    `duration_s` (its throughput is the ceiling), then batch 1 on the `cores`-thread session for a quarter of
+    that (the lowest single-image latency: the run's p50/p99)."""
 
     kind = "raw"
 
@@ -79,44 +100,73 @@ class RawOrt:
         metadata = self.model.metadata
         self.pixels = preprocess(self.jpegs, metadata)
         decode_ms = _decode_cpu_ms(self.jpegs, metadata, seconds=self.sweep_s)
-        self.session = service_session(self.model.onnx_path(self.variant))
-        self.input_name = self.session.get_inputs()[0].name
+        path = self.model.onnx_path(self.variant)
+        self.sessions = {1: service_session(path)}  # runners -> session
+        if cores() > 1:
+            self.sessions[cores()] = service_session(path, threads=1)
+        self.input_name = self.sessions[1].get_inputs()[0].name
         sweep = {}
-        for batch in (b for b in (1, 2, 4, 8, 16, 32, 64) if b <= self.max_batch):
-            times = self._time(batch, self.sweep_s, min_runs=2)
-            sweep[batch] = batch / float(np.median(times))
-        self.best_batch = max(sweep, key=sweep.get)
-        self.info = {"best_batch": self.best_batch, "sweep_images_per_s": sweep, "decode_cpu_ms_per_image": decode_ms,
-                     "intra_op_threads": cores()}
+        for runners in self.sessions:
+            for batch in (b for b in (1, 2, 4, 8, 16, 32, 64) if b <= self.max_batch):
+                images, seconds = self._time(runners, batch, self.sweep_s, min_runs=2)
+                sweep[f"{runners}x{batch}"] = images / seconds
+        best = max(sweep, key=sweep.get)
+        self.best_runners, self.best_batch = (int(v) for v in best.split("x"))
+        self.info = {"best_batch": self.best_batch, "best_runners": self.best_runners,
+                     "sweep_images_per_s": sweep, "sweep_key": "runners x batch (1 runner: cores threads; "
+                     "cores runners: 1 thread each, one shared session)",
+                     "decode_cpu_ms_per_image": decode_ms, "cores": cores()}
 
     def wait_ready(self) -> None:
         pass
 
     def run(self, generator: LoadGenerator | None, concurrency: int, duration_s: float, warmup_s: float) -> dict:
-        self._time(self.best_batch, warmup_s, min_runs=1)
-        batch_times = self._time(self.best_batch, duration_s, min_runs=3)
-        single = self._time(1, duration_s / 4, min_runs=10)
-        images = self.best_batch * len(batch_times)
+        self._time(self.best_runners, self.best_batch, warmup_s, min_runs=1)
+        images, seconds = self._time(self.best_runners, self.best_batch, duration_s, min_runs=3)
+        single = self._latencies(duration_s / 4, min_runs=10)
         return {
-            "images_per_s": images / sum(batch_times), "completed": images,
+            "images_per_s": images / seconds, "completed": images,
             "p50_ms": float(np.percentile(single, 50)) * 1e3, "p99_ms": float(np.percentile(single, 99)) * 1e3,
-            "best_batch": self.best_batch, "best_batch_ms": float(np.median(batch_times)) * 1e3,
-            "inference_ms_per_image": float(np.median(batch_times)) * 1e3 / self.best_batch,
+            "best_batch": self.best_batch, "best_runners": self.best_runners,
+            "inference_ms_per_image": seconds * 1e3 / images,  # wall time: all cores are busy
             "errors": {},
         }
 
-    def _time(self, batch: int, seconds: float, min_runs: int) -> list[float]:
-        feeds = {self.input_name: self.pixels[np.arange(batch) % len(self.pixels)]}
-        self.session.run(None, feeds)  # first run of a shape allocates
+    def _feeds(self, batch: int) -> dict:
+        return {self.input_name: self.pixels[np.arange(batch) % len(self.pixels)]}
+
+    def _time(self, runners: int, batch: int, seconds: float, min_runs: int) -> tuple[int, float]:
+        """Images done and wall seconds, with `runners` threads calling the session back to back."""
+        session, feeds = self.sessions[runners], self._feeds(batch)
+        session.run(None, feeds)  # first run of a shape allocates
+        counts = [0] * runners
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        def runner(index: int) -> None:
+            while counts[index] < min_runs * batch or time.perf_counter() < deadline:
+                session.run(None, feeds)
+                counts[index] += batch
+
+        threads = [threading.Thread(target=runner, args=(i,)) for i in range(runners)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return sum(counts), time.perf_counter() - started
+
+    def _latencies(self, seconds: float, min_runs: int) -> list[float]:
+        session, feeds = self.sessions[1], self._feeds(1)
+        session.run(None, feeds)
         times, deadline = [], time.perf_counter() + seconds
         while len(times) < min_runs or time.perf_counter() < deadline:
             started = time.perf_counter()
-            self.session.run(None, feeds)
+            session.run(None, feeds)
             times.append(time.perf_counter() - started)
         return times
 
     def stop(self) -> None:
-        self.session = None
+        self.sessions = {}
 
 
 def _decode_cpu_ms(jpegs: list[bytes], metadata: dict, seconds: float) -> float:

@@ -75,6 +75,15 @@ def ratios(samples: list[dict], models: list[str], variants: list[str]) -> list[
                 paired(samples, "vitserve / LitServe", model, 32, vs, ("litserve", variant)),
                 paired(samples, "vitserve / naive", model, 32, vs, ("naive", variant)),
             ]
+        # settings experiments (vitserve+name=value): against raw ORT and plain vitserve, same concurrency
+        experiments = sorted({s["contender"] for s in samples if s["model"] == model and "+" in s["contender"]})
+        for variant in variants:
+            for experiment in experiments:
+                for concurrency in sorted({s["concurrency"] for s in samples if s["contender"] == experiment}):
+                    wanted += [
+                        paired(samples, "experiment / raw ORT", model, concurrency, (experiment, variant), ("raw", variant)),
+                        paired(samples, "experiment / vitserve", model, concurrency, (experiment, variant), ("vitserve", variant)),
+                    ]
         if "fp32" in variants and "int8" in variants:
             for contender in ("vitserve", "raw", "litserve", "naive"):
                 wanted.append(paired(samples, "int8 / fp32", model, 16, (contender, "int8"), (contender, "fp32")))
@@ -94,6 +103,7 @@ def physical_limits(samples: list[dict], raw_info: list[dict], cores: int) -> li
         decode_ms = info["decode_cpu_ms_per_image"]
         cpu_ms = inference_ms * cores + decode_ms
         row = {"model": model, "variant": variant, "cores": cores, "best_batch": info["best_batch"],
+               "best_runners": info.get("best_runners", 1),
                "inference_cpu_ms_per_image": inference_ms * cores, "decode_cpu_ms_per_image": decode_ms,
                "cpu_ms_per_image": cpu_ms, "limit_images_per_s": cores * 1e3 / cpu_ms, "vitserve_fraction_of_limit": {}}
         for concurrency in sorted({s["concurrency"] for s in raw}):
@@ -130,10 +140,10 @@ def print_summary(results: dict) -> None:
         spread = ", ".join(fmt(v, 2) for v in r["per_round"])
         print(f"  {r['model']:<10} c={r['concurrency']:<3} {r['name']:<32} {r['a']:>18} vs {r['b']:<18} "
               f"{fmt(r['value'], 2):>7} {r['unit']}  [{spread}]")
-    print("\nphysical limit (CPU per image = inference at best batch x cores + decode/resize; shared over the cores):")
+    print("\nphysical limit (CPU per image = inference at the best runners x batch, x cores + decode/resize; shared over the cores):")
     for row in results["physical_limits"]:
         fractions = ", ".join(f"c={c}: {f:.2f}" for c, f in row["vitserve_fraction_of_limit"].items())
-        print(f"  {row['model']:<10} {row['variant']:<5} batch {row['best_batch']:>2}: "
+        print(f"  {row['model']:<10} {row['variant']:<5} {row['best_runners']} runner(s) x batch {row['best_batch']:>2}: "
               f"inference {row['inference_cpu_ms_per_image']:.2f} "
               f"+ decode {row['decode_cpu_ms_per_image']:.2f} CPU-ms/image -> {row['limit_images_per_s']:.1f} img/s on "
               f"{row['cores']} cores; vitserve / limit: {fractions}")

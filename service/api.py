@@ -247,7 +247,7 @@ def _describe(model: ServedModel, settings: Settings) -> dict:
         "inputs": meta["inputs"], "outputs": meta["outputs"], "image_size": meta["image"]["size"],
         "labels": len(meta.get("labels") or []), "provider": loaded.provider, "variant": loaded.variant,
         "batching": {"max_batch_size": model.max_batch_size, "max_delay_ms": settings.max_delay_ms,
-                     "max_queue_images": settings.max_queue_images},
+                     "max_queue_images": settings.max_queue_images, "instances": model.batcher.instances},
     }
 
 

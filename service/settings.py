@@ -34,7 +34,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
     max_images_per_request: int = Field(32, ge=1)
     max_pixels: int = Field(40_000_000, ge=1, description="per image, checked before decoding")
-    intra_op_threads: int | None = Field(None, ge=1, description="onnxruntime threads per model (default: CPU cores)")
+    instances: int | None = Field(None, ge=1, description="batches of one model that run at once, each in its own thread "
+                                  "(default: 1 on CUDA; on CPU, CPU cores / 2 rounded down, at least 1: see the README's benchmarks)")
+    intra_op_threads: int | None = Field(None, ge=1, description="onnxruntime threads per running batch (default: CPU cores / instances)")
+    intra_op_spinning: bool = Field(True, description="onnxruntime threads busy-wait between operators: faster alone, "
+                                    "but the spinning takes CPU from image decoding when both share the cores")
     decode_threads: int | None = Field(None, ge=1, description="image decoding threads (default: half the CPU cores, at least 1)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued and running work may take")
     api_key: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>' or 'X-API-Key'")
@@ -60,6 +64,12 @@ class Settings(BaseSettings):
             raise ValueError(f"max_images_per_request ({self.max_images_per_request}) must not exceed max_queue_images "
                              f"({self.max_queue_images}): such a request could never be queued")
         return self
+
+    def instances_for(self, provider: str) -> int:
+        return self.instances or 1
+
+    def intra_op_threads_for(self, instances: int) -> int:
+        return self.intra_op_threads or max(1, self.cores // instances)
 
     def batch_size_for(self, provider: str) -> int:
         return self.max_batch_size or (64 if provider == "CUDAExecutionProvider" else 8)

@@ -13,7 +13,7 @@ from .errors import NotFound, NotReady
 from .images import ImageLimits, ResizeSpec
 from .metrics import Metrics
 from .repository import find_models
-from .runtime import LoadedModel, load_model
+from .runtime import CPU, CUDA, LoadedModel, cuda_available, load_model
 from .settings import Settings
 
 log = logging.getLogger("vitserve")
@@ -94,13 +94,16 @@ class ServiceState:
 
     def _start_model_sync(self, entry) -> ServedModel:
         settings = self.settings
+        wants_cuda = settings.device == "cuda" or (settings.device == "auto" and cuda_available())
+        instances = settings.instances_for(CUDA if wants_cuda else CPU)
         loaded = load_model(entry, device=settings.device, variant=settings.variant,
-                            intra_op_threads=settings.intra_op_threads or settings.cores)
+                            intra_op_threads=settings.intra_op_threads_for(instances), spinning=settings.intra_op_spinning)
         max_batch = settings.batch_size_for(loaded.provider)
         loaded.warm_up((1, max_batch))
         self.metrics.model_info.labels(entry.name, str(entry.version), entry.task, loaded.provider, loaded.variant).set(1)
         batcher = MicroBatcher(run_batch_for(loaded), max_batch_size=max_batch, max_delay_ms=settings.max_delay_ms,
-                               max_queue_images=settings.max_queue_images, observer=self.metrics.observer(entry.name), name=entry.name)
+                               max_queue_images=settings.max_queue_images, observer=self.metrics.observer(entry.name),
+                               name=entry.name, instances=instances)
         return ServedModel(loaded, batcher, ResizeSpec.from_metadata(entry.metadata), max_batch)
 
     async def drain(self) -> None:

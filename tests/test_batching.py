@@ -19,10 +19,12 @@ class FakeModel:
         self.delay = delay
         self.fail_on = fail_on
         self.batches: list[list] = []
+        self.started_at: list[float] = []  # perf_counter() at the start of each batch
         self.started = threading.Event()  # set when a batch holding "hold" starts
         self.release = threading.Event()  # that batch finishes once this is set
 
     def __call__(self, items: list) -> list:
+        self.started_at.append(time.perf_counter())
         self.batches.append(list(items))
         if "hold" in items:
             self.started.set()
@@ -153,6 +155,68 @@ def test_under_load_a_full_batch_does_not_wait():
     waited = run(body, model, max_batch_size=4, max_delay_ms=500)
     assert waited < 0.1
     assert model.sizes == [1, 4]
+
+
+def test_a_full_batch_is_staged_and_starts_without_the_event_loop():
+    """The worker thread goes straight from the running batch to the staged one, even while the loop is blocked."""
+    model = FakeModel()
+
+    async def body(batcher):
+        holder = await hold_runner(batcher, model)
+        full = asyncio.create_task(batcher.submit(["a", "b", "c", "d"]))
+        while batcher.busy and len(batcher._in_flight) < 2:
+            await asyncio.sleep(0.001)
+        assert batcher.queued_images == 4  # staged images still count as waiting (queue bound, Retry-After)
+        model.release.set()
+        time.sleep(0.2)  # the event loop is busy elsewhere
+        unblocked_at = time.perf_counter()
+        await holder
+        assert await full == ["out:a", "out:b", "out:c", "out:d"]
+        return unblocked_at
+
+    unblocked_at = run(body, model, max_batch_size=4, max_delay_ms=0)
+    assert model.batches == [["hold"], ["a", "b", "c", "d"]]
+    assert model.started_at[1] < unblocked_at
+
+
+def test_only_one_batch_is_staged_and_a_partial_batch_is_not():
+    model = FakeModel()
+
+    async def body(batcher):
+        holder = await hold_runner(batcher, model)
+        tasks = [asyncio.create_task(batcher.submit([i])) for i in range(10)]
+        await until_queued(batcher, 10)
+        await asyncio.sleep(0.05)
+        staged = [batch.size for batch in list(batcher._in_flight)[1:]]
+        model.release.set()
+        await holder
+        return staged, await asyncio.gather(*tasks)
+
+    staged, results = run(body, model, max_batch_size=4, max_delay_ms=0)
+    assert staged == [4]  # 4 staged, 6 still queued: neither a second full batch nor the partial one
+    assert results == [[f"out:{i}"] for i in range(10)]
+    assert model.batches == [["hold"], [0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_instances_run_batches_at_once_and_stage_one_more():
+    model = FakeModel()
+
+    async def body(batcher):
+        first = await hold_runner(batcher, model)
+        second = asyncio.create_task(batcher.submit(["hold"]))  # not full, yet it starts on the free instance
+        while len(model.batches) < 2:
+            await asyncio.sleep(0.001)
+        more = [asyncio.create_task(batcher.submit([i])) for i in range(4)]
+        await asyncio.sleep(0.05)
+        in_flight, waiting = [batch.size for batch in batcher._in_flight], batcher.queued_images
+        model.release.set()
+        return in_flight, waiting, await asyncio.gather(first, second, *more)
+
+    in_flight, waiting, results = run(body, model, max_batch_size=2, max_delay_ms=0, instances=2)
+    assert in_flight == [1, 1, 2]  # two running at once, one full batch staged, the rest queued
+    assert waiting == 4
+    assert results == [["out:hold"], ["out:hold"]] + [[f"out:{i}"] for i in range(4)]
+    assert model.batches == [["hold"], ["hold"], [0, 1], [2, 3]]
 
 
 def test_request_larger_than_max_batch_is_split_and_answered_whole_in_order():
