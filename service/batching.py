@@ -13,7 +13,9 @@ Policy (after Triton's dynamic batcher, not LitServe's loop):
 - Images whose deadline passed or whose client left are dropped before inference.
 - Up to `instances` batches run at once, each in its own worker thread (Triton's instance count): on a
   CPU, two one-thread batches use two cores better than one two-thread batch, whose threads stall at
-  every operator when decoding or HTTP takes one of the cores for a moment.
+  every operator when decoding or HTTP takes one of the cores for a moment. A batch that starts while
+  nothing else runs goes to `run_alone` instead (the caller's all-cores session), so a lone request
+  keeps the lowest latency.
 - While every instance is busy, the next batch is staged behind them as soon as it is full, so a worker
   thread goes from one batch to the next without waiting for the event loop (busy with HTTP and decoding,
   it took ~4.5 ms per hand-over on 2 cores). At most one batch is staged; a batch is not staged or run
@@ -102,6 +104,7 @@ class _Batch:
     """Slices handed to the worker thread together, and the task that awaits their results."""
 
     slices: list[_Slice]
+    alone: bool  # nothing else was running when it was dispatched
     task: asyncio.Task | None = None
 
     @property
@@ -123,6 +126,7 @@ class MicroBatcher:
         observer: BatchObserver | None = None,
         name: str = "model",
         instances: int = 1,
+        run_alone: Callable[[list[Any]], list[Any]] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_images < 1 or max_delay_ms < 0 or instances < 1:
             raise ValueError("max_batch_size, max_queue_images and instances must be >= 1, max_delay_ms >= 0")
@@ -131,6 +135,7 @@ class MicroBatcher:
         self.max_delay_s = max_delay_ms / 1000.0
         self.max_queue_images = max_queue_images
         self._run_batch = run_batch
+        self._run_alone = run_alone or run_batch  # for a batch that starts while nothing else runs
         self._observer = observer if observer is not None else NullObserver()
         self.instances = instances
         # One worker thread per instance; a staged batch waits in the executor's queue and starts in order.
@@ -328,7 +333,7 @@ class MicroBatcher:
 
     def _dispatch(self, selection: list[_Slice]) -> None:
         """Hand the batch to the worker thread: it starts now, or (staged) when the running batch ends."""
-        batch = _Batch(selection)
+        batch = _Batch(selection, alone=not self._in_flight)
         self._in_flight.append(batch)
         batch.task = asyncio.get_running_loop().create_task(self._run(batch))
         if len(self._in_flight) <= self.instances:
@@ -361,7 +366,7 @@ class MicroBatcher:
         items = batch.items()
         loop = asyncio.get_running_loop()
         try:
-            outputs, seconds = await loop.run_in_executor(self._executor, self._call_model, items)
+            outputs, seconds = await loop.run_in_executor(self._executor, self._call_model, items, batch.alone)
         except asyncio.CancelledError:  # stop() gave up waiting: nobody will get these results
             for request, _, _ in batch.slices:
                 self._fail(request, NotReady(f"model '{self.name}' shut down"), reason="shutdown")
@@ -385,10 +390,10 @@ class MicroBatcher:
         finally:
             self._finished(batch)
 
-    def _call_model(self, items: list[Any]) -> tuple[list[Any], float]:
+    def _call_model(self, items: list[Any], alone: bool) -> tuple[list[Any], float]:
         """Runs in the worker thread: the blocking session call, timed."""
         started = time.perf_counter()
-        outputs = list(self._run_batch(items))
+        outputs = list((self._run_alone if alone else self._run_batch)(items))
         seconds = time.perf_counter() - started
         if len(outputs) != len(items):
             raise RuntimeError(f"run_batch returned {len(outputs)} results for {len(items)} items")

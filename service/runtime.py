@@ -29,6 +29,8 @@ class LoadedModel:
     variant: str
     warmup_s: float = 0.0
     output_names: list[str] = field(default_factory=list)
+    # CPU with several instances: the same graph on all cores, for a batch that runs alone (see `run`)
+    solo_session: ort.InferenceSession | None = None
 
     def __post_init__(self) -> None:
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -41,10 +43,12 @@ class LoadedModel:
     def metadata(self) -> dict:
         return self.entry.metadata
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch. On CUDA the inputs are bound once and copied to the device once (IO binding)."""
+    def run(self, feeds: dict[str, np.ndarray], alone: bool = False) -> dict[str, np.ndarray]:
+        """Run one batch. `alone`: nothing else runs now, so use all cores (the solo session) when there is one.
+        On CUDA the inputs are bound once and copied to the device once (IO binding)."""
         if self.provider != CUDA:
-            return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+            session = self.solo_session if alone and self.solo_session is not None else self.session
+            return dict(zip(self.output_names, session.run(self.output_names, feeds)))
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -69,6 +73,8 @@ class LoadedModel:
         started = time.perf_counter()
         for batch in sorted(set(batch_sizes)):
             self.run(self.dummy_feeds(batch))
+            if self.solo_session is not None:
+                self.run(self.dummy_feeds(batch), alone=True)
         self.warmup_s = time.perf_counter() - started
 
 
@@ -86,8 +92,10 @@ def cuda_available() -> bool:
     return CUDA in ort.get_available_providers()
 
 
-def load_model(entry: ModelVersion, *, device: str, variant: str, intra_op_threads: int, spinning: bool = True) -> LoadedModel:
-    """Create the session on the requested device and check which provider really runs it."""
+def load_model(entry: ModelVersion, *, device: str, variant: str, intra_op_threads: int, spinning: bool = True,
+               solo_threads: int | None = None) -> LoadedModel:
+    """Create the session on the requested device and check which provider really runs it. With `solo_threads`
+    (more than `intra_op_threads`), a CPU model gets a second session on that many threads for lone batches."""
     want_cuda = device == "cuda" or (device == "auto" and cuda_available())
     if device == "cuda" and not cuda_available():
         raise RuntimeStartError("--device cuda, but this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
@@ -102,7 +110,10 @@ def load_model(entry: ModelVersion, *, device: str, variant: str, intra_op_threa
             chosen, session = "fp32", _session(entry, "fp32", [CPU], intra_op_threads, spinning)
     elif device == "auto" and not want_cuda:
         log.warning("no CUDA provider in this onnxruntime: serving %s on CPU", entry.name)
-    return LoadedModel(entry, session, active, chosen)
+    loaded = LoadedModel(entry, session, active, chosen)
+    if active == CPU and solo_threads is not None and solo_threads > intra_op_threads:
+        loaded.solo_session = _session(entry, chosen, [CPU], solo_threads, spinning)
+    return loaded
 
 
 def _session(entry: ModelVersion, variant: str, providers: list[str], intra_op_threads: int,

@@ -35,15 +35,16 @@ class ServedModel:
         return self.loaded.metadata
 
 
-def run_batch_for(model: LoadedModel):
-    """The blocking batch function a model's batcher runs in its worker thread: stack, run, split per image."""
+def run_batch_for(model: LoadedModel, alone: bool = False):
+    """The blocking batch function a model's batcher runs in its worker thread: stack, run, split per image.
+    `alone`: for batches that run while nothing else does (all cores)."""
 
     def run_batch(items: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
         feeds = {"images": np.stack([item["images"] for item in items])}
         if "noise" in items[0]:
             feeds["noise"] = np.stack([item["noise"] for item in items])
             feeds["keep"] = np.asarray(items[0]["keep"], dtype=np.int64)  # one keep per batch: the batch key
-        outputs = model.run(feeds)
+        outputs = model.run(feeds, alone=alone)
         return [{name: value[i] for name, value in outputs.items()} for i in range(len(items))]
 
     return run_batch
@@ -97,13 +98,14 @@ class ServiceState:
         wants_cuda = settings.device == "cuda" or (settings.device == "auto" and cuda_available())
         instances = settings.instances_for(CUDA if wants_cuda else CPU)
         loaded = load_model(entry, device=settings.device, variant=settings.variant,
-                            intra_op_threads=settings.intra_op_threads_for(instances), spinning=settings.intra_op_spinning)
+                            intra_op_threads=settings.intra_op_threads_for(instances), spinning=settings.intra_op_spinning,
+                            solo_threads=settings.cores if instances > 1 and settings.solo_all_cores else None)
         max_batch = settings.batch_size_for(loaded.provider)
         loaded.warm_up((1, max_batch))
         self.metrics.model_info.labels(entry.name, str(entry.version), entry.task, loaded.provider, loaded.variant).set(1)
         batcher = MicroBatcher(run_batch_for(loaded), max_batch_size=max_batch, max_delay_ms=settings.max_delay_ms,
                                max_queue_images=settings.max_queue_images, observer=self.metrics.observer(entry.name),
-                               name=entry.name, instances=instances)
+                               name=entry.name, instances=instances, run_alone=run_batch_for(loaded, alone=True))
         return ServedModel(loaded, batcher, ResizeSpec.from_metadata(entry.metadata), max_batch)
 
     async def drain(self) -> None:

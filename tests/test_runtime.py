@@ -1,0 +1,52 @@
+"""The service's onnxruntime layer: the solo session that a lone batch runs on (all cores) computes what the
+per-instance session computes, and exists only where it helps (CPU, more threads than an instance has)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from export.pipeline import ExportRequest, export_checkpoint
+from model.checkpoints import save_checkpoint
+from model.presets import vit_preset
+from model.vit import VisionTransformer
+from service.repository import find_models
+from service.runtime import load_model
+from service.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def entry(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime")
+    torch.manual_seed(0)
+    save_checkpoint(root / "checkpoint.pt", VisionTransformer(vit_preset("vit-test", num_classes=6)))
+    export_checkpoint(ExportRequest(checkpoint=root / "checkpoint.pt", repo=root / "repo", name="shapes"))
+    [found] = find_models(root / "repo")
+    return found
+
+
+def test_a_lone_batch_on_the_solo_session_gives_the_instance_session_results(entry):
+    model = load_model(entry, device="cpu", variant="fp32", intra_op_threads=1, solo_threads=2)
+    assert model.solo_session is not None
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    shared = model.run({"images": images})["logits"]
+    alone = model.run({"images": images}, alone=True)["logits"]
+    np.testing.assert_allclose(alone, shared, rtol=1e-5, atol=1e-5)
+    model.warm_up((1, 4))  # warms both sessions
+
+
+def test_no_solo_session_when_it_would_not_add_threads(entry):
+    assert load_model(entry, device="cpu", variant="fp32", intra_op_threads=2, solo_threads=2).solo_session is None
+    assert load_model(entry, device="cpu", variant="fp32", intra_op_threads=2).solo_session is None
+
+
+def test_instances_default_to_two_on_a_multi_core_cpu_and_one_on_cuda(tmp_path, monkeypatch):
+    settings = Settings(repo=tmp_path)
+    monkeypatch.setattr(Settings, "cores", property(lambda self: 8))
+    assert settings.instances_for("CPUExecutionProvider") == 2
+    assert settings.intra_op_threads_for(2) == 4
+    assert settings.instances_for("CUDAExecutionProvider") == 1
+    monkeypatch.setattr(Settings, "cores", property(lambda self: 1))
+    assert settings.instances_for("CPUExecutionProvider") == 1
+    assert Settings(repo=tmp_path, instances=3, intra_op_threads=2).instances_for("CPUExecutionProvider") == 3
+    assert Settings(repo=tmp_path, instances=3, intra_op_threads=2).intra_op_threads_for(3) == 2
