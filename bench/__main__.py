@@ -26,7 +26,7 @@ from pathlib import Path
 from . import report
 from .contenders import KINDS, LITSERVE_BATCH_TIMEOUT_S, Unavailable, make_contender, parse_kind
 from .loadgen import LoadGenerator, multipart_image, start_trivial_server
-from .workload import build_model, cores, make_jpegs
+from .workload import build_model, cores, cuda_available, make_jpegs
 
 SMOKE = dict(models="vit-test", variants="fp32,int8", concurrency="1,16,32", duration=0.25, warmup=0.05, rounds=1, min_images=0,
              sweep=0.02, jpegs=4)
@@ -36,7 +36,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--models", default="vit-tiny,vit-base", help="ViT presets, random weights, 1000 classes")
-    parser.add_argument("--variants", default="fp32,int8", help="graph variants (fp32, int8)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: the GPU variant (onnxruntime-gpu; CUDA provider for raw ORT, vit-serve and LitServe, "
+                             "PyTorch on the GPU for the naive server); defaults become --variants fp32,fp16 --raw-max-batch 64")
+    parser.add_argument("--variants", default=None, help="graph variants: fp32, int8, fp16 (default: fp32,int8; on cuda fp32,fp16)")
     parser.add_argument("--concurrency", default="1,4,16,32,64", help="requests kept in flight")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run (at least)")
     parser.add_argument("--min-images", type=int, default=100,
@@ -50,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory")
     parser.add_argument("--cache", type=Path, default=None, help="exported models (default: OUT/cache)")
     parser.add_argument("--client-processes", type=int, default=None, help="load generator processes (default: cores)")
-    parser.add_argument("--raw-max-batch", type=int, default=32, help="largest batch the raw-ORT sweep tries")
+    parser.add_argument("--raw-max-batch", type=int, default=None, help="largest batch the raw-ORT sweep tries (default: 32; cuda 64)")
     parser.add_argument("--sweep", type=float, default=0.5, help="seconds per batch size in the raw-ORT sweep")
     parser.add_argument("--litserve-batch-timeout", type=float, default=LITSERVE_BATCH_TIMEOUT_S)
     parser.add_argument("--jpegs", type=int, default=16, help="distinct request images")
@@ -59,6 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:  # the smoke values become the defaults: options given explicitly still win
         parser.set_defaults(**SMOKE)
         args = parser.parse_args(argv)
+    if args.device == "cuda" and not cuda_available():
+        parser.exit(2, "--device cuda: this onnxruntime has no CUDA provider (install onnxruntime-gpu on a machine with a GPU)\n")
+    args.variants = args.variants or ("fp32,fp16" if args.device == "cuda" else "fp32,int8")
+    args.raw_max_batch = args.raw_max_batch or (64 if args.device == "cuda" else 32)
     args.models, args.variants, args.contenders = (_names(v) for v in (args.models, args.variants, args.contenders))
     args.concurrency = [int(c) for c in _names(args.concurrency)]
     for kind in args.contenders:
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load generator ceiling (trivial endpoint, c={max(args.concurrency)}): "
               f"{results['generator']['ceiling']['requests_per_s']:.0f} req/s", flush=True)
         for model_name in args.models:
-            model = build_model(model_name, args.cache)
+            model = build_model(model_name, args.cache, fp16="fp16" in args.variants)
             contenders = start_contenders(args, model, jpegs, results)
             try:
                 results["samples"] += run_rounds(args, model_name, contenders, generator)
@@ -131,7 +138,7 @@ def start_contenders(args: argparse.Namespace, model, jpegs: list[bytes], result
     for kind in args.contenders:
         for variant in args.variants:
             try:
-                contenders.append(make_contender(kind, model, variant, jpegs, args.out / "logs", raw_max_batch=args.raw_max_batch,
+                contenders.append(make_contender(kind, model, variant, jpegs, args.out / "logs", raw_max_batch=args.raw_max_batch, device=args.device,
                                                  sweep_s=args.sweep, litserve_batch_timeout_s=args.litserve_batch_timeout))
             except Unavailable as reason:
                 if kind not in results["skipped"]:

@@ -51,25 +51,29 @@ def parse_kind(kind: str) -> tuple[str, dict[str, str]]:
 
 def make_contender(kind: str, model: BuiltModel, variant: str, jpegs: list[bytes], logs: Path, *,
                    raw_max_batch: int = 32, sweep_s: float = 0.5,
-                   litserve_batch_timeout_s: float = LITSERVE_BATCH_TIMEOUT_S):
+                   litserve_batch_timeout_s: float = LITSERVE_BATCH_TIMEOUT_S, device: str = "cpu"):
     base, settings = parse_kind(kind)
     if base == "raw":
-        return RawOrt(model, variant, jpegs, max_batch=raw_max_batch, sweep_s=sweep_s)
+        return RawOrt(model, variant, jpegs, max_batch=raw_max_batch, sweep_s=sweep_s, device=device)
+    gpu = ["--device", "cuda"] if device == "cuda" else []
     log = logs / f"{model.preset}-{variant}-{kind}.log"
     if base in ("vitserve", "vitserve-nobatch"):
         argv = [str(Path(sys.executable).with_name("vit-serve")), "--repo", str(model.repo), "--variant", variant,
                 "--log-level", "warning", "--port"]
         env = {"VITSERVE_MAX_BATCH_SIZE": "1"} if base == "vitserve-nobatch" else {}
+        env["VITSERVE_DEVICE"] = device
         return Server(kind, variant, argv, {**env, **settings}, "/readyz", "/classify", jpegs, log)
     if base == "naive":
         _require("torch", "fastapi", "uvicorn", "multipart", hint="pip install -e '.[train,serve]'")
+        if device == "cuda" and variant == "int8":
+            raise Unavailable("PyTorch's dynamic int8 quantisation runs on the CPU only")
         argv = [sys.executable, "-m", "bench.naive_server", "--checkpoint", str(model.checkpoint),
-                *(["--int8"] if variant == "int8" else []), "--port"]
+                *(["--int8"] if variant == "int8" else []), *(["--fp16"] if variant == "fp16" else []), *gpu, "--port"]
         return Server(kind, variant, argv, {}, "/healthz", "/classify", jpegs, log)
     if base == "litserve":
         _require("litserve", hint="pip install litserve")
         argv = [sys.executable, "-m", "bench.litserve_server", "--model-dir", str(model.version_dir), "--variant", variant,
-                "--max-batch-size", str(LITSERVE_MAX_BATCH_SIZE), "--batch-timeout", str(litserve_batch_timeout_s), "--port"]
+                "--max-batch-size", str(LITSERVE_MAX_BATCH_SIZE), "--batch-timeout", str(litserve_batch_timeout_s), *gpu, "--port"]
         return Server(kind, variant, argv, {}, "/health", "/predict", jpegs, log)
     raise AssertionError(base)
 
@@ -91,9 +95,10 @@ class RawOrt:
 
     kind = "raw"
 
-    def __init__(self, model: BuiltModel, variant: str, jpegs: list[bytes], *, max_batch: int, sweep_s: float) -> None:
+    def __init__(self, model: BuiltModel, variant: str, jpegs: list[bytes], *, max_batch: int, sweep_s: float,
+                 device: str = "cpu") -> None:
         self.model, self.variant, self.jpegs = model, variant, jpegs
-        self.max_batch, self.sweep_s = max_batch, sweep_s
+        self.max_batch, self.sweep_s, self.device = max_batch, sweep_s, device
         self.info: dict = {}
 
     def start(self) -> None:
@@ -101,8 +106,8 @@ class RawOrt:
         self.pixels = preprocess(self.jpegs, metadata)
         decode_ms = _decode_cpu_ms(self.jpegs, metadata, seconds=self.sweep_s)
         path = self.model.onnx_path(self.variant)
-        self.sessions = {1: service_session(path)}  # runners -> session
-        if cores() > 1:
+        self.sessions = {1: service_session(path, device=self.device)}  # runners -> session
+        if cores() > 1 and self.device == "cpu":  # on a GPU one runner keeps it busy
             self.sessions[cores()] = service_session(path, threads=1)
         self.input_name = self.sessions[1].get_inputs()[0].name
         sweep = {}
@@ -115,7 +120,7 @@ class RawOrt:
         self.info = {"best_batch": self.best_batch, "best_runners": self.best_runners,
                      "sweep_images_per_s": sweep, "sweep_key": "runners x batch (1 runner: cores threads; "
                      "cores runners: 1 thread each, one shared session)",
-                     "decode_cpu_ms_per_image": decode_ms, "cores": cores()}
+                     "decode_cpu_ms_per_image": decode_ms, "cores": cores(), "device": self.device}
 
     def wait_ready(self) -> None:
         pass

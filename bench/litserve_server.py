@@ -21,13 +21,13 @@ from .workload import service_session
 
 
 class OnnxClassifierAPI(ls.LitAPI):
-    def __init__(self, model_dir: Path, variant: str, top_k: int = 5, **batching) -> None:
+    def __init__(self, model_dir: Path, variant: str, top_k: int = 5, device: str = "cpu", **batching) -> None:
         super().__init__(**batching)
-        self.model_dir, self.variant, self.top_k = model_dir, variant, top_k
+        self.model_dir, self.variant, self.top_k, self.device = model_dir, variant, top_k, device
 
     def setup(self, device) -> None:
         metadata = json.loads((self.model_dir / METADATA_FILE).read_text())
-        self.session = service_session(self.model_dir / VARIANT_FILES[self.variant])
+        self.session = service_session(self.model_dir / VARIANT_FILES[self.variant], device=self.device)
         self.input_name = self.session.get_inputs()[0].name
         self.spec, self.limits = ResizeSpec.from_metadata(metadata), ImageLimits()
         self.labels = metadata.get("labels") or [str(i) for i in range(metadata["num_classes"])]
@@ -58,11 +58,13 @@ def main() -> None:
     parser.add_argument("--variant", default="fp32", choices=sorted(VARIANT_FILES))
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-timeout", type=float, default=0.05, help="seconds LitServe waits to fill a batch")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
-    api = OnnxClassifierAPI(args.model_dir, args.variant, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout)
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1)
+    api = OnnxClassifierAPI(args.model_dir, args.variant, device=args.device, max_batch_size=args.max_batch_size,
+                            batch_timeout=args.batch_timeout)
+    server = ls.LitServer(api, accelerator="cuda" if args.device == "cuda" else "cpu", workers_per_device=1)
     server.run(host=args.host, port=args.port, log_level="warning", generate_client_file=False)
 
 

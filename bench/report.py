@@ -84,32 +84,43 @@ def ratios(samples: list[dict], models: list[str], variants: list[str]) -> list[
                         paired(samples, "experiment / raw ORT", model, concurrency, (experiment, variant), ("raw", variant)),
                         paired(samples, "experiment / vitserve", model, concurrency, (experiment, variant), ("vitserve", variant)),
                     ]
-        if "fp32" in variants and "int8" in variants:
-            for contender in ("vitserve", "raw", "litserve", "naive"):
-                wanted.append(paired(samples, "int8 / fp32", model, 16, (contender, "int8"), (contender, "fp32")))
+        for faster in ("int8", "fp16"):
+            if "fp32" in variants and faster in variants:
+                for contender in ("vitserve", "raw", "litserve", "naive"):
+                    wanted.append(paired(samples, f"{faster} / fp32", model, 16, (contender, faster), (contender, "fp32")))
     return [r for r in wanted if r is not None]
 
 
+def _limit(inference_ms: float, decode_ms: float, cores: int, device: str) -> float:
+    """Images/s of a machine that only decoded and inferred. CPU: both share the cores, so the CPU time per image
+    (inference wall time x cores + decode) is shared over the cores. GPU: inference and decoding run side by side,
+    so the slower of the two bounds it."""
+    if device == "cuda":
+        return min(1e3 / inference_ms, cores * 1e3 / decode_ms)
+    return cores * 1e3 / (inference_ms * cores + decode_ms)
+
+
 def physical_limits(samples: list[dict], raw_info: list[dict], cores: int) -> list[dict]:
-    """The limit of a machine that only decoded and inferred: CPU time per image (inference at the best batch on all
-    cores + decode/resize on one) shared over the cores; and how close vitserve comes to it, paired by round."""
+    """The limit of a machine that only decoded and inferred (see `_limit`), and how close vitserve comes to it,
+    paired by round."""
     rows = []
     for info in raw_info:
-        model, variant = info["model"], info["variant"]
+        model, variant, device = info["model"], info["variant"], info.get("device", "cpu")
         raw = [s for s in samples if (s["model"], s["variant"], s["contender"]) == (model, variant, "raw")]
         if not raw:
             continue
         inference_ms = _median([s["inference_ms_per_image"] for s in raw])
         decode_ms = info["decode_cpu_ms_per_image"]
-        cpu_ms = inference_ms * cores + decode_ms
-        row = {"model": model, "variant": variant, "cores": cores, "best_batch": info["best_batch"],
+        inference_cpu_ms = inference_ms * cores if device == "cpu" else 0.0
+        row = {"model": model, "variant": variant, "device": device, "cores": cores, "best_batch": info["best_batch"],
                "best_runners": info.get("best_runners", 1),
-               "inference_cpu_ms_per_image": inference_ms * cores, "decode_cpu_ms_per_image": decode_ms,
-               "cpu_ms_per_image": cpu_ms, "limit_images_per_s": cores * 1e3 / cpu_ms, "vitserve_fraction_of_limit": {}}
+               "inference_ms_per_image": inference_ms, "inference_cpu_ms_per_image": inference_cpu_ms,
+               "decode_cpu_ms_per_image": decode_ms, "cpu_ms_per_image": inference_cpu_ms + decode_ms,
+               "limit_images_per_s": _limit(inference_ms, decode_ms, cores, device), "vitserve_fraction_of_limit": {}}
         for concurrency in sorted({s["concurrency"] for s in raw}):
             served = _by_round(samples, model, variant, "vitserve", concurrency)
             limits = _by_round(samples, model, variant, "raw", concurrency)
-            fractions = [served[r]["images_per_s"] * (limits[r]["inference_ms_per_image"] * cores + decode_ms) / (cores * 1e3)
+            fractions = [served[r]["images_per_s"] / _limit(limits[r]["inference_ms_per_image"], decode_ms, cores, device)
                          for r in sorted(set(served) & set(limits))]
             if fractions:
                 row["vitserve_fraction_of_limit"][concurrency] = statistics.median(fractions)
@@ -143,10 +154,11 @@ def print_summary(results: dict) -> None:
     print("\nphysical limit (CPU per image = inference at the best runners x batch, x cores + decode/resize; shared over the cores):")
     for row in results["physical_limits"]:
         fractions = ", ".join(f"c={c}: {f:.2f}" for c, f in row["vitserve_fraction_of_limit"].items())
+        cost = (f"inference {row['inference_cpu_ms_per_image']:.2f} + decode {row['decode_cpu_ms_per_image']:.2f} CPU-ms/image"
+                if row.get("device", "cpu") == "cpu" else
+                f"GPU {row['inference_ms_per_image']:.2f} ms/image, decode {row['decode_cpu_ms_per_image']:.2f} CPU-ms/image")
         print(f"  {row['model']:<10} {row['variant']:<5} {row['best_runners']} runner(s) x batch {row['best_batch']:>2}: "
-              f"inference {row['inference_cpu_ms_per_image']:.2f} "
-              f"+ decode {row['decode_cpu_ms_per_image']:.2f} CPU-ms/image -> {row['limit_images_per_s']:.1f} img/s on "
-              f"{row['cores']} cores; vitserve / limit: {fractions}")
+              f"{cost} -> {row['limit_images_per_s']:.1f} img/s on {row['cores']} cores; vitserve / limit: {fractions}")
     ceiling = results["generator"]["ceiling"]
     print(f"\nload generator: {results['generator']['processes']} processes; against a trivial endpoint at "
           f"c={ceiling['concurrency']}: {ceiling['requests_per_s']:.0f} req/s, {fmt(ceiling['client_cpu_us_per_request'])} "

@@ -46,22 +46,23 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def build_model(preset: str, cache: Path, log=print) -> BuiltModel:
-    """Random weights (seed 0), `num_classes=1000`, the preset's own image size; exported with --int8. Cached."""
-    root = cache / f"{preset}-{NUM_CLASSES}"
+def build_model(preset: str, cache: Path, log=print, fp16: bool = False) -> BuiltModel:
+    """Random weights (seed 0), `num_classes=1000`, the preset's own image size; exported with --int8 (and --fp16
+    for the GPU benchmark). Cached."""
+    root = cache / f"{preset}-{NUM_CLASSES}{'-fp16' if fp16 else ''}"
     checkpoint, repo, done = root / "checkpoint.pt", root / "repo", root / "built.json"
     if not done.is_file():
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
         started = time.perf_counter()
-        _export_random_classifier(preset, checkpoint, repo)
+        _export_random_classifier(preset, checkpoint, repo, fp16)
         done.write_text(json.dumps({"preset": preset, "export_s": round(time.perf_counter() - started, 1)}) + "\n")
         log(f"{preset}: built and exported in {time.perf_counter() - started:.0f} s -> {repo}")
     [entry] = find_models(repo)
     return BuiltModel(preset, checkpoint, repo, entry.path)
 
 
-def _export_random_classifier(preset: str, checkpoint: Path, repo: Path) -> None:
+def _export_random_classifier(preset: str, checkpoint: Path, repo: Path, fp16: bool) -> None:
     import torch
 
     from export.pipeline import ExportRequest, export_checkpoint
@@ -78,7 +79,7 @@ def _export_random_classifier(preset: str, checkpoint: Path, repo: Path) -> None
         spread = vit(torch.randn(4, 3, *vit.config.image_size)).std()
         vit.head.bias.copy_(torch.randn(NUM_CLASSES) * BIAS_SPREAD * spread)
     save_checkpoint(checkpoint, vit)
-    export_checkpoint(ExportRequest(checkpoint=checkpoint, repo=repo, name=preset, int8=True))
+    export_checkpoint(ExportRequest(checkpoint=checkpoint, repo=repo, name=preset, int8=True, fp16=fp16))
 
 
 def make_jpegs(count: int = 16, seed: int = 0) -> list[bytes]:
@@ -101,11 +102,23 @@ def preprocess(jpegs: list[bytes], metadata: dict) -> np.ndarray:
     return np.stack([prepare_image(data, spec, limits) for data in jpegs])
 
 
-def service_session(path: Path, threads: int | None = None) -> onnxruntime.InferenceSession:
-    """The session options of service/runtime.py on the CPU: intra-op threads = cores, sequential, one inter-op thread."""
+CUDA = "CUDAExecutionProvider"
+
+
+def cuda_available() -> bool:
+    return CUDA in onnxruntime.get_available_providers()
+
+
+def service_session(path: Path, threads: int | None = None, device: str = "cpu") -> onnxruntime.InferenceSession:
+    """The session options of service/runtime.py: intra-op threads = cores, sequential, one inter-op thread; on
+    `device="cuda"` the CUDA provider, which must really load (no silent CPU fallback in a GPU benchmark)."""
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or cores()
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    providers = [CUDA, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
+    if device == "cuda" and session.get_providers()[0] != CUDA:
+        raise RuntimeError(f"the CUDA provider did not load for {path} (check the CUDA and cuDNN libraries)")
+    return session

@@ -99,7 +99,7 @@ class ServiceState:
         instances = settings.instances_for(CUDA if wants_cuda else CPU)
         loaded = load_model(entry, device=settings.device, variant=settings.variant,
                             intra_op_threads=settings.intra_op_threads_for(instances), spinning=settings.intra_op_spinning,
-                            solo_threads=settings.cores if instances > 1 and settings.solo_all_cores else None)
+                            solo_threads=settings.solo_threads_for(instances) if instances > 1 and settings.solo_all_cores else None)
         max_batch = settings.batch_size_for(loaded.provider)
         loaded.warm_up((1, max_batch))
         self.metrics.model_info.labels(entry.name, str(entry.version), entry.task, loaded.provider, loaded.variant).set(1)

@@ -39,3 +39,28 @@ def test_smoke_benchmark_writes_json_and_png_with_every_contender(tmp_path):
     assert {"vitserve / raw ORT", "p50(c=1) - raw batch-1 latency", "int8 / fp32"} <= names
     assert all(limit["limit_images_per_s"] > 0 for limit in results["physical_limits"])
     assert results["generator"]["ceiling"]["requests_per_s"] > 0
+
+
+def test_settings_contenders_are_parsed_and_bad_ones_refused():
+    from bench.contenders import parse_kind
+
+    assert parse_kind("vitserve") == ("vitserve", {})
+    assert parse_kind("vitserve+max_batch_size=4+instances=1") == (
+        "vitserve", {"VITSERVE_MAX_BATCH_SIZE": "4", "VITSERVE_INSTANCES": "1"})
+    for bad in ("litserve+max_batch_size=4", "vitserve+max_batch_size", "nginx"):
+        completed = subprocess.run([sys.executable, "-m", "bench", "--contenders", bad], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=60)
+        assert completed.returncode == 2 and bad.split("+")[0] in completed.stderr
+
+
+def test_the_gpu_variant_refuses_clearly_without_a_cuda_provider():
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        import pytest
+
+        pytest.skip("this onnxruntime has CUDA: the GPU variant would run")
+    completed = subprocess.run([sys.executable, "-m", "bench", "--device", "cuda", "--smoke"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2
+    assert "no CUDA provider" in completed.stderr

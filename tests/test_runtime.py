@@ -50,3 +50,5 @@ def test_instances_default_to_two_on_a_multi_core_cpu_and_one_on_cuda(tmp_path, 
     assert settings.instances_for("CPUExecutionProvider") == 1
     assert Settings(repo=tmp_path, instances=3, intra_op_threads=2).instances_for("CPUExecutionProvider") == 3
     assert Settings(repo=tmp_path, instances=3, intra_op_threads=2).intra_op_threads_for(3) == 2
+    assert Settings(repo=tmp_path, instances=3, intra_op_threads=2).solo_threads_for(3) == 6  # not the node's cores
+    assert settings.solo_threads_for(2) == 1  # the cores (1, patched above)

@@ -124,7 +124,7 @@ def test_probes_and_model_listing(client, server):
     assert set(listing) == {"shapes", "mae-embed", "mae-reconstruct"}
     assert listing["shapes"]["task"] == "classify" and listing["shapes"]["labels"] == 6
     assert listing["shapes"]["provider"] == "CPUExecutionProvider" and listing["shapes"]["variant"] == "fp32"
-    assert listing["shapes"]["batching"]["max_batch_size"] == 8
+    assert listing["shapes"]["batching"]["max_batch_size"] == 4
     assert listing["shapes"]["batching"]["instances"] == (2 if len(os.sched_getaffinity(0)) >= 2 else 1)
 
 
