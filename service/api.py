@@ -77,13 +77,13 @@ def create_app(settings: Settings) -> FastAPI:
         images, params = await _read_request(request, state, schemas.ClassifyParams)
         model = state.model_for("classify", params.model)
         outputs = await _infer(request, state, model, [{"images": p} for p in await _prepare(state, model, images)], params.timeout_ms)
-        labels = model.metadata.get("labels") or [str(i) for i in range(model.metadata["num_classes"])]
+        labels = model.labels
         results = []
         for out in outputs:
             probs = _softmax(out["logits"].astype(np.float64))
             top = np.argsort(-probs, kind="stable")[: params.top_k]
             results.append({"predictions": [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in top]})
-        return schemas.ClassifyResponse(model=model.name, version=model.loaded.entry.version, results=results)
+        return _json(schemas.ClassifyResponse(model=model.name, version=model.loaded.entry.version, results=results))
 
     @app.post("/embed", response_model=schemas.EmbedResponse, responses=ERROR_RESPONSES, summary="One embedding vector per image")
     async def embed(request: Request) -> schemas.EmbedResponse:
@@ -94,8 +94,8 @@ def create_app(settings: Settings) -> FastAPI:
         if params.normalize:
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         info = model.metadata["embedding"]
-        return schemas.EmbedResponse(model=model.name, version=model.loaded.entry.version, dim=info["dim"], pooling=info["pooling"],
-                                     normalized=params.normalize, embeddings=vectors.tolist())
+        return _json(schemas.EmbedResponse(model=model.name, version=model.loaded.entry.version, dim=info["dim"],
+                                           pooling=info["pooling"], normalized=params.normalize, embeddings=vectors.tolist()))
 
     @app.post("/reconstruct", response_model=schemas.ReconstructResponse, responses=ERROR_RESPONSES,
               summary="MAE reconstruction of masked patches (Accept: image/png for the composite of one image)")
@@ -113,8 +113,8 @@ def create_app(settings: Settings) -> FastAPI:
             png = await asyncio.get_running_loop().run_in_executor(state.decode_pool, encode_png, outputs[0]["reconstruction"])
             return Response(png, media_type="image/png")
         results = await asyncio.get_running_loop().run_in_executor(state.decode_pool, _reconstruction_results, pixels, outputs, meta)
-        return schemas.ReconstructResponse(model=model.name, version=model.loaded.entry.version, grid=meta["grid"],
-                                           patch_size=meta["patch_size"], visible_patches=keep, results=results)
+        return _json(schemas.ReconstructResponse(model=model.name, version=model.loaded.entry.version, grid=meta["grid"],
+                                                 patch_size=meta["patch_size"], visible_patches=keep, results=results))
 
     return app
 
@@ -213,6 +213,12 @@ async def _infer(request: Request, state: ServiceState, model: ServedModel, item
 
 
 # --- output ------------------------------------------------------------------------------------------------
+
+def _json(body: BaseModel) -> Response:
+    """The response, serialised once: FastAPI would validate a returned model against `response_model` again
+    (the declared models still document the endpoints)."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max())

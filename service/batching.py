@@ -127,6 +127,7 @@ class MicroBatcher:
         name: str = "model",
         instances: int = 1,
         run_alone: Callable[[list[Any]], list[Any]] | None = None,
+        probe_after_ms: float = 5.0,
     ) -> None:
         if max_batch_size < 1 or max_queue_images < 1 or max_delay_ms < 0 or instances < 1:
             raise ValueError("max_batch_size, max_queue_images and instances must be >= 1, max_delay_ms >= 0")
@@ -136,6 +137,9 @@ class MicroBatcher:
         self.max_queue_images = max_queue_images
         self._run_batch = run_batch
         self._run_alone = run_alone or run_batch  # for a batch that starts while nothing else runs
+        # Only requests that waited this long are asked whether their client left: a probe costs event-loop
+        # round trips on the path of a lone request, and a client that left within milliseconds is rare.
+        self._probe_after_s = probe_after_ms / 1000.0
         self._observer = observer if observer is not None else NullObserver()
         self.instances = instances
         # One worker thread per instance; a staged batch waits in the executor's queue and starts in order.
@@ -296,7 +300,9 @@ class MicroBatcher:
             for request in [r for r in self._pending if r.deadline is not None and r.deadline <= now]:
                 self._expire(request)
             selection = self._select()
-            unprobed = [r for r, _, _ in selection if r.is_disconnected is not None and r not in probed]
+            waited_enough = asyncio.get_running_loop().time() - self._probe_after_s
+            unprobed = [r for r, _, _ in selection
+                        if r.is_disconnected is not None and r not in probed and r.enqueued_at <= waited_enough]
             if not unprobed:
                 return self._commit(selection)
             gone = await asyncio.gather(*(self._probe(r) for r in unprobed))

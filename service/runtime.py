@@ -92,7 +92,7 @@ def cuda_available() -> bool:
     return CUDA in ort.get_available_providers()
 
 
-def load_model(entry: ModelVersion, *, device: str, variant: str, intra_op_threads: int, spinning: bool = True,
+def load_model(entry: ModelVersion, *, device: str, variant: str, intra_op_threads: int, spin_us: int | None = None,
                solo_threads: int | None = None) -> LoadedModel:
     """Create the session on the requested device and check which provider really runs it. With `solo_threads`
     (more than `intra_op_threads`), a CPU model gets a second session on that many threads for lone batches."""
@@ -100,27 +100,29 @@ def load_model(entry: ModelVersion, *, device: str, variant: str, intra_op_threa
     if device == "cuda" and not cuda_available():
         raise RuntimeStartError("--device cuda, but this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
     chosen = choose_variant(entry, variant, want_cuda)
-    session = _session(entry, chosen, [CUDA, CPU] if want_cuda else [CPU], intra_op_threads, spinning)
+    session = _session(entry, chosen, [CUDA, CPU] if want_cuda else [CPU], intra_op_threads, spin_us)
     active = session.get_providers()[0]
     if want_cuda and active != CUDA:
         if device == "cuda":
             raise RuntimeStartError(f"--device cuda, but CUDA did not load for {entry.name} (active: {active}); check the CUDA/cuDNN libraries")
         log.warning("CUDA provider is installed but did not load for %s: serving on CPU", entry.name)
         if variant == "auto" and chosen != "fp32":  # the fp16 graph was picked for a GPU that is not there
-            chosen, session = "fp32", _session(entry, "fp32", [CPU], intra_op_threads, spinning)
+            chosen, session = "fp32", _session(entry, "fp32", [CPU], intra_op_threads, spin_us)
     elif device == "auto" and not want_cuda:
         log.warning("no CUDA provider in this onnxruntime: serving %s on CPU", entry.name)
     loaded = LoadedModel(entry, session, active, chosen)
     if active == CPU and solo_threads is not None and solo_threads > intra_op_threads:
-        loaded.solo_session = _session(entry, chosen, [CPU], solo_threads, spinning)
+        loaded.solo_session = _session(entry, chosen, [CPU], solo_threads, spin_us)
     return loaded
 
 
 def _session(entry: ModelVersion, variant: str, providers: list[str], intra_op_threads: int,
-             spinning: bool) -> ort.InferenceSession:
+             spin_us: int | None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if spin_us is not None:  # after a run, a spinning thread takes a core from decoding and HTTP until it gives up
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us else "0")
+        options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +34,11 @@ class ServedModel:
     @property
     def metadata(self) -> dict:
         return self.loaded.metadata
+
+    @functools.cached_property
+    def labels(self) -> list[str]:
+        """Class names (classifiers): the exported labels, else the indices as text."""
+        return self.metadata.get("labels") or [str(i) for i in range(self.metadata["num_classes"])]
 
 
 def run_batch_for(model: LoadedModel, alone: bool = False):
@@ -98,7 +104,7 @@ class ServiceState:
         wants_cuda = settings.device == "cuda" or (settings.device == "auto" and cuda_available())
         instances = settings.instances_for(CUDA if wants_cuda else CPU)
         loaded = load_model(entry, device=settings.device, variant=settings.variant,
-                            intra_op_threads=settings.intra_op_threads_for(instances), spinning=settings.intra_op_spinning,
+                            intra_op_threads=settings.intra_op_threads_for(instances), spin_us=settings.intra_op_spin_us,
                             solo_threads=settings.solo_threads_for(instances) if instances > 1 and settings.solo_all_cores else None)
         max_batch = settings.batch_size_for(loaded.provider)
         loaded.warm_up((1, max_batch))

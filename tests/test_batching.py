@@ -312,6 +312,7 @@ def test_disconnected_client_is_dropped_before_inference():
         staying = asyncio.create_task(batcher.submit(["stay"], is_disconnected=is_disconnected_never))
         await until_queued(batcher, 2)
         gone = True
+        await asyncio.sleep(0.01)  # queued long enough to be asked (probe_after_ms, 5 by default)
         model.release.set()
         await holder
         with pytest.raises(ClientDisconnected):
@@ -324,6 +325,29 @@ def test_disconnected_client_is_dropped_before_inference():
     assert run(body, model, observer=observer) == ["out:stay"]
     assert "gone" not in model.seen
     assert observer.rejections == ["disconnected"]
+
+
+def test_only_requests_that_waited_are_probed_for_a_disconnect():
+    model = FakeModel()
+    probes: list[str] = []
+
+    def probe(name: str):
+        async def is_disconnected() -> bool:
+            probes.append(name)
+            return False
+        return is_disconnected
+
+    async def body(batcher):
+        assert await batcher.submit(["fresh"], is_disconnected=probe("fresh")) == ["out:fresh"]  # idle runner: at once
+        holder = await hold_runner(batcher, model)
+        waiting = asyncio.create_task(batcher.submit(["waited"], is_disconnected=probe("waited")))
+        await asyncio.sleep(0.05)
+        model.release.set()
+        await holder
+        return await waiting
+
+    assert run(body, model, probe_after_ms=20) == ["out:waited"]
+    assert probes == ["waited"]
 
 
 def test_cancelled_submit_removes_its_queued_items():
