@@ -107,6 +107,10 @@ class ServiceState:
                             intra_op_threads=settings.intra_op_threads_for(instances), spin_us=settings.intra_op_spin_us,
                             solo_threads=settings.solo_threads_for(instances) if instances > 1 and settings.solo_all_cores else None)
         max_batch = settings.batch_size_for(loaded.provider)
+        if max_batch is None:
+            max_batch, per_image = loaded.efficient_batch_size()
+            log.info("%s: max batch size %d (seconds per image by batch size: %s)", entry.name, max_batch,
+                     ", ".join(f"{b}: {t:.4f}" for b, t in per_image.items()))
         loaded.warm_up((1, max_batch))
         self.metrics.model_info.labels(entry.name, str(entry.version), entry.task, loaded.provider, loaded.variant).set(1)
         batcher = MicroBatcher(run_batch_for(loaded), max_batch_size=max_batch, max_delay_ms=settings.max_delay_ms,

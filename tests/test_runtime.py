@@ -52,3 +52,27 @@ def test_instances_default_to_two_on_a_multi_core_cpu_and_one_on_cuda(tmp_path, 
     assert Settings(repo=tmp_path, instances=3, intra_op_threads=2).intra_op_threads_for(3) == 2
     assert Settings(repo=tmp_path, instances=3, intra_op_threads=2).solo_threads_for(3) == 6  # not the node's cores
     assert settings.solo_threads_for(2) == 1  # the cores (1, patched above)
+
+
+def _timed_by(model, seconds_for_batch):
+    """Replace the model's session call by a sleep that depends only on the batch size."""
+    import time
+
+    def run(feeds, alone=False):
+        time.sleep(seconds_for_batch(len(feeds["images"])))
+        return {}
+
+    model.run = run
+    return model
+
+
+def test_cpu_batch_size_is_the_smallest_with_the_best_time_per_image(entry):
+    model = load_model(entry, device="cpu", variant="fp32", intra_op_threads=1)
+    # a call costs the same per image whatever the batch (a big ViT on a CPU): batching adds only latency
+    assert _timed_by(model, lambda b: 0.004 * b).efficient_batch_size()[0] == 1
+    # a fixed cost per call dominates (a small model): the largest batch
+    batch, per_image = _timed_by(model, lambda b: 0.02 + 0.001 * b).efficient_batch_size()
+    assert batch == 8 and set(per_image) == {1, 2, 4, 8}
+    # per image worse beyond 2 (caches): 2, and 8 is never tried
+    batch, per_image = _timed_by(model, lambda b: {1: 0.010, 2: 0.016, 4: 0.040}[b]).efficient_batch_size()
+    assert batch == 2 and 8 not in per_image
