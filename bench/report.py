@@ -221,3 +221,34 @@ def plot(results: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+# ------------------------------------------------------------------------------------------------ markdown
+
+def markdown(results: dict) -> str:
+    """README tables from a results file: per model and variant, images/s and p50/p99 per contender and concurrency."""
+    lines = []
+    concurrencies = sorted({r["concurrency"] for r in results["summary"]})
+    for model in results["meta"]["args"]["models"]:
+        for variant in results["meta"]["args"]["variants"]:
+            rows = [r for r in results["summary"] if (r["model"], r["variant"]) == (model, variant)]
+            if not rows:
+                continue
+            lines += [f"**{model} {variant}**: images/s (p50 / p99 ms)", "",
+                      "| contender | " + " | ".join(f"c={c}" for c in concurrencies) + " |",
+                      "|---|" + "---|" * len(concurrencies)]
+            for contender in results["meta"]["args"]["contenders"]:
+                cells = {r["concurrency"]: r for r in rows if r["contender"] == contender}
+                if cells:
+                    lines.append(f"| {contender} | " + " | ".join(
+                        f"{fmt(cells[c]['images_per_s'])} ({fmt(cells[c]['p50_ms'], 0)} / {fmt(cells[c]['p99_ms'], 0)})"
+                        if c in cells else "–" for c in concurrencies) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(markdown(json.loads(Path(sys.argv[1]).read_text())))
