@@ -217,7 +217,7 @@ def plot(results: dict, path: Path) -> None:
         row_axes[0].legend(fontsize=8)
     meta = results["meta"]
     figure.suptitle(f"{meta['created']}  {meta['cpu']} ({meta['cores']} cores); medians of {args['rounds']} paired "
-                    f"rounds of >= {args['duration']} s; raw ORT: best batch (img/s), batch 1 (latency)", fontsize=10)
+                    f"rounds of >= {args['duration']} s; raw ORT: best layout and batch (img/s), batch 1 on all cores (latency)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -469,7 +469,7 @@ class MicroBatcher:
             return Overloaded(f"a request of {images} images exceeds model '{self.name}' queue of "
                               f"{self.max_queue_images} images")
         batches_ahead = self.queued_images / self.max_batch_size + 1
-        retry_after = math.ceil(batches_ahead * (self._batch_s_ema or 0.0))
+        retry_after = math.ceil(batches_ahead * (self._batch_s_ema or 0.0) / self.instances)  # instances run side by side
         return Overloaded(f"model '{self.name}' queue is full ({self.queued_images} images waiting)",
                           retry_after_s=min(max(retry_after, 1), 60))
 
