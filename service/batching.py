@@ -272,9 +272,9 @@ class MicroBatcher:
     def _next_is_full(self) -> bool:
         return bool(self._pending) and self._queued_for(self._pending[0].batch_key) >= self.max_batch_size
 
-    def _independent(self) -> bool:
+    def _independent(self, selection: list[_Slice] | None = None) -> bool:
         """None of the next batch's requests has images in a batch that is still running."""
-        return all(request.done == request.taken for request, _, _ in self._select())
+        return all(request.done == request.taken for request, _, _ in (self._select() if selection is None else selection))
 
     async def _wait_to_fill(self) -> None:
         """Under load: wait until the next batch is full or its oldest image has waited max_delay."""
@@ -293,7 +293,8 @@ class MicroBatcher:
                 return
 
     async def _take_batch(self) -> list[_Slice]:
-        """Select the next batch, dropping expired and disconnected requests before they run."""
+        """Select the next batch, dropping expired and disconnected requests before they run. Empty when the
+        selection is no longer independent (the queue's head changed while the runner waited)."""
         probed: set[_Request] = set()
         while True:
             now = time.monotonic()
@@ -303,6 +304,8 @@ class MicroBatcher:
             waited_enough = asyncio.get_running_loop().time() - self._probe_after_s
             unprobed = [r for r, _, _ in selection
                         if r.is_disconnected is not None and r not in probed and r.enqueued_at <= waited_enough]
+            if not self._independent(selection):
+                return []
             if not unprobed:
                 return self._commit(selection)
             gone = await asyncio.gather(*(self._probe(r) for r in unprobed))

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(32, ge=1)
     max_pixels: int = Field(40_000_000, ge=1, description="per image, checked before decoding")
     instances: int | None = Field(None, ge=1, description="batches of one model that run at once, each in its own thread "
-                                  "(default: 1 on CUDA; on CPU, CPU cores / 2 rounded down, at least 1: see the README's benchmarks)")
+                                  "(default: 1 on CUDA, 2 on a multi-core CPU, else 1: see the README's benchmarks)")
     intra_op_threads: int | None = Field(None, ge=1, description="onnxruntime threads per running batch (default: CPU cores / instances)")
     solo_all_cores: bool = Field(True, description="CPU with instances > 1: a batch that runs alone uses every core, through a "
                                  "second session of the model (lowest latency for a lone request; the weights are held twice)")

@@ -109,6 +109,7 @@ class ServiceState:
         max_batch = settings.batch_size_for(loaded.provider)
         if max_batch is None:
             max_batch, per_image = loaded.efficient_batch_size()
+            max_batch = min(max_batch, settings.max_queue_images)  # a batch must be able to fill
             log.info("%s: max batch size %d (seconds per image by batch size: %s)", entry.name, max_batch,
                      ", ".join(f"{b}: {t:.4f}" for b, t in per_image.items()))
         loaded.warm_up((1, max_batch))
