@@ -18,9 +18,10 @@ Policy (after Triton's dynamic batcher, not LitServe's loop):
   keeps the lowest latency.
 - While every instance is busy, the next batch is staged behind them as soon as it is full, so a worker
   thread goes from one batch to the next without waiting for the event loop (busy with HTTP and decoding,
-  it took ~4.5 ms per hand-over on 2 cores). At most one batch is staged; a batch is not staged or run
-  while an earlier part of one of its requests is still running, so a failing request does not run its
-  remaining images.
+  it took ~4.5 ms per hand-over on 2 cores). At most one batch is staged.
+- The parts of a request larger than a batch may run on several free instances at once, but a part is
+  never staged behind a running part of its own request: when a part fails, the request fails at once
+  and its parts not yet started never run (parts already running on other instances finish, unread).
 """
 from __future__ import annotations
 
@@ -245,16 +246,14 @@ class MicroBatcher:
                     under_load = under_load and bool(self._in_flight)
                     await self._wait_for_change()
                     continue
-                if not self._independent():  # an earlier part of a request is still running: wait for it
-                    await self._wait_for_change()
-                    continue
-                if len(self._in_flight) >= self.instances:  # all busy: stage the next batch once it is full
-                    if len(self._in_flight) > self.instances or not self._next_is_full():
+                staging = len(self._in_flight) >= self.instances
+                if staging:  # all busy: stage the next batch once it is full and independent of the running ones
+                    if len(self._in_flight) > self.instances or not self._next_is_full() or not self._independent():
                         await self._wait_for_change()
                         continue
                 elif under_load and not self._stopping:
                     await self._wait_to_fill()
-                selection = await self._take_batch()
+                selection = await self._take_batch(staging)
                 if selection:
                     self._dispatch(selection)
                     under_load = True
@@ -269,12 +268,13 @@ class MicroBatcher:
         self._wakeup.clear()
         await self._wakeup.wait()
 
+    def _independent(self, selection: list[_Slice] | None = None) -> bool:
+        """None of the next batch's requests has images in a batch that is still running or staged."""
+        return all(request.done == request.taken for request, _, _ in (self._select() if selection is None else selection))
+
     def _next_is_full(self) -> bool:
         return bool(self._pending) and self._queued_for(self._pending[0].batch_key) >= self.max_batch_size
 
-    def _independent(self, selection: list[_Slice] | None = None) -> bool:
-        """None of the next batch's requests has images in a batch that is still running."""
-        return all(request.done == request.taken for request, _, _ in (self._select() if selection is None else selection))
 
     async def _wait_to_fill(self) -> None:
         """Under load: wait until the next batch is full or its oldest image has waited max_delay."""
@@ -292,9 +292,9 @@ class MicroBatcher:
             except TimeoutError:
                 return
 
-    async def _take_batch(self) -> list[_Slice]:
-        """Select the next batch, dropping expired and disconnected requests before they run. Empty when the
-        selection is no longer independent (the queue's head changed while the runner waited)."""
+    async def _take_batch(self, staging: bool = False) -> list[_Slice]:
+        """Select the next batch, dropping expired and disconnected requests before they run. When `staging`,
+        empty if the selection is no longer independent (the queue's head may change while probes run)."""
         probed: set[_Request] = set()
         while True:
             now = time.monotonic()
@@ -304,7 +304,7 @@ class MicroBatcher:
             waited_enough = asyncio.get_running_loop().time() - self._probe_after_s
             unprobed = [r for r, _, _ in selection
                         if r.is_disconnected is not None and r not in probed and r.enqueued_at <= waited_enough]
-            if not self._independent(selection):
+            if staging and not self._independent(selection):
                 return []
             if not unprobed:
                 return self._commit(selection)

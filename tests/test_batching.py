@@ -219,27 +219,31 @@ def test_instances_run_batches_at_once_and_stage_one_more():
     assert model.batches == [["hold"], ["hold"], [0, 1], [2, 3]]
 
 
-def test_a_later_part_of_a_request_never_runs_beside_an_earlier_part_even_when_the_head_leaves():
-    """The runner waits to fill a batch for x0; x0 leaves; the new head's earlier part is still running."""
-    model = FakeModel(fail_on="hold")
+def test_parts_of_a_large_request_run_on_several_instances_at_once():
+    model = FakeModel()
 
     async def body(batcher):
-        first = asyncio.create_task(batcher.submit(["hold"], batch_key="y"))
-        leaving = asyncio.create_task(batcher.submit(["x0"], batch_key="x"))
-        split = asyncio.create_task(batcher.submit(["r1a", "r1b", "r1c"], batch_key="y"))
-        await asyncio.to_thread(model.started.wait, 2)  # [hold, r1a] runs and is held
-        await asyncio.sleep(0.02)
-        leaving.cancel()
-        await asyncio.sleep(0.1)
-        ran_while_held = list(model.batches)
+        split = asyncio.create_task(batcher.submit(["hold", "p1", "p2", "p3"]))
+        while len(model.batches) < 2:  # [p2, p3] starts while [hold, p1] is held
+            await asyncio.sleep(0.001)
         model.release.set()
-        outcomes = await asyncio.gather(first, split, return_exceptions=True)
-        return ran_while_held, outcomes
+        return await split
 
-    ran_while_held, outcomes = run(body, model, max_batch_size=2, max_delay_ms=200, instances=2)
-    assert ran_while_held == [["hold", "r1a"]]
-    assert all(isinstance(outcome, InferenceFailed) for outcome in outcomes)
-    assert model.batches == [["hold", "r1a"]]  # r1b, r1c never ran: their request had failed
+    assert run(body, model, max_batch_size=2, max_delay_ms=0, instances=2) == ["out:hold", "out:p1", "out:p2", "out:p3"]
+    assert model.batches == [["hold", "p1"], ["p2", "p3"]]
+
+
+def test_a_failing_part_stops_the_parts_of_its_request_that_have_not_started():
+    model = FakeModel(fail_on="bad")
+
+    async def body(batcher):
+        with pytest.raises(InferenceFailed):
+            await batcher.submit(["bad", "p1", "p2", "p3", "p4", "p5", "p6", "p7"])
+        await asyncio.sleep(0.05)
+
+    run(body, model, max_batch_size=2, max_delay_ms=0, instances=2)
+    # two parts start at once on the two instances; none is staged behind its own request's parts
+    assert sorted(map(tuple, model.batches)) == [("bad", "p1"), ("p2", "p3")]
 
 
 def test_request_larger_than_max_batch_is_split_and_answered_whole_in_order():
