@@ -147,7 +147,6 @@ class MicroBatcher:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: collections.deque[_Request] = collections.deque()  # arrival order
         self._queued = 0  # untaken images across _pending
-        self._staged = 0  # images in the staged batch: committed, but waiting for a free instance
         # Dispatch order: the first `instances` batches are running, one more may be staged behind them.
         self._in_flight: collections.deque[_Batch] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -159,8 +158,8 @@ class MicroBatcher:
 
     @property
     def queued_images(self) -> int:
-        """Images waiting: queued, or staged behind the running batch."""
-        return self._queued + self._staged
+        """Images waiting: queued, or staged behind the running batches."""
+        return self._queued + sum(batch.size for batch in list(self._in_flight)[self.instances:])
 
     @property
     def busy(self) -> bool:
@@ -275,7 +274,6 @@ class MicroBatcher:
     def _next_is_full(self) -> bool:
         return bool(self._pending) and self._queued_for(self._pending[0].batch_key) >= self.max_batch_size
 
-
     async def _wait_to_fill(self) -> None:
         """Under load: wait until the next batch is full or its oldest image has waited max_delay."""
         loop = asyncio.get_running_loop()
@@ -347,8 +345,6 @@ class MicroBatcher:
         batch.task = asyncio.get_running_loop().create_task(self._run(batch))
         if len(self._in_flight) <= self.instances:
             self._started(batch)
-        else:
-            self._staged += batch.size
         self._notify("queue_depth", self.queued_images)
 
     def _started(self, batch: _Batch) -> None:
@@ -362,12 +358,8 @@ class MicroBatcher:
         if batch in self._in_flight:  # not after _fail_everything
             was_running = list(self._in_flight).index(batch) < self.instances
             self._in_flight.remove(batch)
-            if not was_running:  # cancelled while staged
-                self._staged -= batch.size
-            elif len(self._in_flight) >= self.instances:
-                promoted = self._in_flight[self.instances - 1]
-                self._staged -= promoted.size
-                self._started(promoted)
+            if was_running and len(self._in_flight) >= self.instances:
+                self._started(self._in_flight[self.instances - 1])
             self._notify("queue_depth", self.queued_images)
         self._wakeup.set()
 
@@ -421,7 +413,6 @@ class MicroBatcher:
         for request in running + list(self._pending):
             self._fail(request, error, reason="shutdown")
         self._in_flight.clear()
-        self._staged = 0
 
     # ---- helpers --------------------------------------------------------------------------------
 

@@ -114,11 +114,16 @@ def cuda_available() -> bool:
     return CUDA in ort.get_available_providers()
 
 
+def wants_cuda(device: str) -> bool:
+    """Whether `device` asks for the CUDA provider: always for "cuda", for "auto" when it is installed."""
+    return device == "cuda" or (device == "auto" and cuda_available())
+
+
 def load_model(entry: ModelVersion, *, device: str, variant: str, intra_op_threads: int, spin_us: int | None = None,
                solo_threads: int | None = None) -> LoadedModel:
     """Create the session on the requested device and check which provider really runs it. With `solo_threads`
     (more than `intra_op_threads`), a CPU model gets a second session on that many threads for lone batches."""
-    want_cuda = device == "cuda" or (device == "auto" and cuda_available())
+    want_cuda = wants_cuda(device)
     if device == "cuda" and not cuda_available():
         raise RuntimeStartError("--device cuda, but this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
     chosen = choose_variant(entry, variant, want_cuda)

@@ -14,7 +14,7 @@ from .errors import NotFound, NotReady
 from .images import ImageLimits, ResizeSpec
 from .metrics import Metrics
 from .repository import find_models
-from .runtime import CPU, CUDA, LoadedModel, cuda_available, load_model
+from .runtime import CPU, CUDA, LoadedModel, load_model, wants_cuda
 from .settings import Settings
 
 log = logging.getLogger("vitserve")
@@ -101,8 +101,7 @@ class ServiceState:
 
     def _start_model_sync(self, entry) -> ServedModel:
         settings = self.settings
-        wants_cuda = settings.device == "cuda" or (settings.device == "auto" and cuda_available())
-        instances = settings.instances_for(CUDA if wants_cuda else CPU)
+        instances = settings.instances_for(CUDA if wants_cuda(settings.device) else CPU)
         loaded = load_model(entry, device=settings.device, variant=settings.variant,
                             intra_op_threads=settings.intra_op_threads_for(instances), spin_us=settings.intra_op_spin_us,
                             solo_threads=settings.solo_threads_for(instances) if instances > 1 and settings.solo_all_cores else None)
