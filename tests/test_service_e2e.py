@@ -328,6 +328,11 @@ def test_settings_that_cannot_work_stop_the_server_with_a_clear_message(repo, tm
     env = {**os.environ, "VITSERVE_API_KEY": ""}
     result = subprocess.run([VIT_SERVE, "--repo", str(repo)], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 2 and "empty" in result.stderr
+    env = {**os.environ, "VITSERVE_INSTANCES": "0"}
+    result = subprocess.run([VIT_SERVE, "--repo", str(repo)], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and "instances" in result.stderr
+    result = subprocess.run([VIT_SERVE, "--repo", str(repo), "--intra-op-spin-us", "-1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "intra_op_spin_us" in result.stderr
 
 
 # --- lifecycle ---------------------------------------------------------------------------------------------
