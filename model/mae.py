@@ -51,6 +51,27 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - mask_ratio))
 
 
+NORM_PIX_EPS = 1.0e-6  # per-patch normalised targets: (x - mean) / sqrt(var + eps)
+
+
+def patch_statistics(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and standard deviation of (B, L, p*p*C) targets, as norm_pix_loss uses them: (B, L, 1) each."""
+    mean = target.mean(dim=-1, keepdim=True)
+    std = (target.var(dim=-1, keepdim=True) + NORM_PIX_EPS) ** 0.5
+    return mean, std
+
+
+def denormalise_patches(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-patch normalised predictions back into the target's space, with each true patch's own statistics."""
+    mean, std = patch_statistics(target)
+    return predicted * std + mean
+
+
+def encoder_of(model: nn.Module) -> VisionTransformer:
+    """The ViT inside: an MAE's encoder, or the model itself."""
+    return model.encoder if isinstance(model, MaskedAutoencoder) else model
+
+
 def random_masking(tokens: torch.Tensor, noise: torch.Tensor, keep: int):
     """Keep the `keep` patches with the lowest noise in each sample.
 
@@ -136,9 +157,8 @@ class MaskedAutoencoder(nn.Module):
         """(B, C, H, W) -> (B, L, p*p*C) targets; per-patch normalised when `norm_pix_loss`."""
         target = self.patchify(images)
         if self.config.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
+            mean, std = patch_statistics(target)
+            target = (target - mean) / std
         return target
 
     def per_image_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
