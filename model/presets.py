@@ -122,6 +122,11 @@ class MAEConfig:
         return cls(**_known_fields(cls, data))
 
 
+def encoder_config_of(config: ViTConfig | MAEConfig) -> ViTConfig:
+    """The ViT inside a config: an MAE's encoder, or the ViT config itself."""
+    return config.encoder if isinstance(config, MAEConfig) else config
+
+
 def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
