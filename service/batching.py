@@ -1,15 +1,12 @@
-"""One asyncio dynamic batcher per model: requests queue, a single runner takes up to `max_batch_size`
-images at a time, runs the blocking session call in a worker thread, and splits the results back.
+"""One asyncio dynamic batcher per model: requests wait in its `RequestQueue` (bounded, oldest first, one
+`batch_key` per batch), a single runner takes up to `max_batch_size` images at a time, runs the blocking
+session call in a worker thread, and splits the results back.
 
 Policy (after Triton's dynamic batcher, not LitServe's loop):
-- Whenever the runner is free and images are queued, it takes up to `max_batch_size` of them, oldest
-  request first; a request's images stay in order and may be split across batches.
+- Whenever the runner is free and images are queued, it takes the queue's next batch.
 - It waits to fill a batch only under load, i.e. right after a batch finished: then until the batch
   is full or `max_delay_ms` after the oldest queued image arrived, whichever comes first. A runner
   that was idle starts at once, so a lone request never pays `max_delay_ms`.
-- Only images with the same `batch_key` share a batch; the oldest queued request's key goes next,
-  so no key starves.
-- The queue is bounded in images: a request that does not fit is refused whole, at once.
 - Images whose deadline passed or whose client left are dropped before inference.
 - Up to `instances` batches run at once, each in its own worker thread (Triton's instance count): on a
   CPU, two one-thread batches use two cores better than one two-thread batch, whose threads stall at
@@ -30,16 +27,14 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Protocol
 
-from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded, ServiceError
+from service.errors import DeadlineExceeded, InferenceFailed, NotReady, ServiceError
+from service.request_queue import QueuedRequest, RequestQueue, Slice
 
 log = logging.getLogger(__name__)
-
-_DISCONNECT_PROBE_TIMEOUT_S = 0.1  # a well-behaved probe answers at once; a stuck one must not stall batching
 
 
 class ClientDisconnected(ServiceError):
@@ -74,37 +69,10 @@ class NullObserver:
 
 
 @dataclasses.dataclass(eq=False)
-class _Request:
-    """One submit() call: its images, how far the runner got, and the future its caller awaits."""
-
-    items: list[Any]
-    future: asyncio.Future
-    enqueued_at: float  # loop time
-    deadline: float | None  # time.monotonic() value
-    is_disconnected: Callable[[], Awaitable[bool]] | None
-    batch_key: Hashable
-    results: list[Any] = dataclasses.field(init=False)  # filled slice by slice, in item order
-    taken: int = 0  # images handed to the runner so far
-    done: int = 0  # images with results
-    timer: asyncio.TimerHandle | None = None
-
-    def __post_init__(self) -> None:
-        self.results = [None] * len(self.items)
-
-    @property
-    def untaken(self) -> int:
-        return len(self.items) - self.taken
-
-
-# A slice of one request inside a batch: (request, first image index, number of images).
-_Slice = tuple[_Request, int, int]
-
-
-@dataclasses.dataclass(eq=False)
 class _Batch:
     """Slices handed to the worker thread together, and the task that awaits their results."""
 
-    slices: list[_Slice]
+    slices: list[Slice]
     alone: bool  # nothing else was running when it was dispatched
     task: asyncio.Task | None = None
 
@@ -133,9 +101,7 @@ class MicroBatcher:
         if max_batch_size < 1 or max_queue_images < 1 or max_delay_ms < 0 or instances < 1:
             raise ValueError("max_batch_size, max_queue_images and instances must be >= 1, max_delay_ms >= 0")
         self.name = name
-        self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_ms / 1000.0
-        self.max_queue_images = max_queue_images
         self._run_batch = run_batch
         self._run_alone = run_alone or run_batch  # for a batch that starts while nothing else runs
         # Only requests that waited this long are asked whether their client left: a probe costs event-loop
@@ -145,21 +111,31 @@ class MicroBatcher:
         self.instances = instances
         # One worker thread per instance; a staged batch waits in the executor's queue and starts in order.
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pending: collections.deque[_Request] = collections.deque()  # arrival order
-        self._queued = 0  # untaken images across _pending
+        self._queue = RequestQueue(name=name, max_images=max_queue_images, max_batch_size=max_batch_size,
+                                   instances=instances)
         # Dispatch order: the first `instances` batches are running, one more may be staged behind them.
         self._in_flight: collections.deque[_Batch] = collections.deque()
         self._wakeup = asyncio.Event()
         self._runner: asyncio.Task | None = None
         self._stopping = False
-        self._batch_s_ema: float | None = None  # for the Retry-After estimate
 
     # ---- public surface -------------------------------------------------------------------------
 
     @property
+    def max_batch_size(self) -> int:
+        return self._queue.max_batch_size
+
+    @property
+    def max_queue_images(self) -> int:
+        return self._queue.max_images
+
+    @property
     def queued_images(self) -> int:
         """Images waiting: queued, or staged behind the running batches."""
-        return self._queued + sum(batch.size for batch in list(self._in_flight)[self.instances:])
+        return self._queue.images + self._staged_images()
+
+    def _staged_images(self) -> int:
+        return sum(batch.size for batch in list(self._in_flight)[self.instances:])
 
     @property
     def busy(self) -> bool:
@@ -194,9 +170,8 @@ class MicroBatcher:
         self.check_capacity(len(items))
 
         loop = asyncio.get_running_loop()
-        request = _Request(items, loop.create_future(), loop.time(), deadline, is_disconnected, batch_key)
-        self._pending.append(request)
-        self._queued += len(items)
+        request = QueuedRequest(items, loop.create_future(), loop.time(), deadline, is_disconnected, batch_key)
+        self._queue.add(request)
         self._notify("queue_depth", self.queued_images)
         self._wakeup.set()
         if deadline is not None:
@@ -213,15 +188,16 @@ class MicroBatcher:
     def check_capacity(self, images: int) -> None:
         """Refuse at once (Overloaded, with Retry-After) when `images` more would not fit the queue now.
         Callers may ask before doing per-request work (decoding), not only at submit."""
-        if self.queued_images + images > self.max_queue_images:
+        refusal = self._queue.refusal(images, staged=self._staged_images())
+        if refusal is not None:
             self._notify("rejected", "queue_full")
-            raise self._overloaded(images)
+            raise refusal
 
     async def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Refuse new work; with `drain`, finish what is queued and running first (up to `timeout`)."""
         self._stopping = True
         if not drain:
-            for request in list(self._pending):
+            for request in list(self._queue):
                 self._fail(request, NotReady(f"model '{self.name}' is shutting down"), reason="shutdown")
         self._wakeup.set()
         if self._runner is not None:
@@ -239,7 +215,7 @@ class MicroBatcher:
         under_load = False
         try:
             while True:
-                if not self._pending:
+                if not self._queue:
                     if self._stopping and not self._in_flight:
                         return
                     under_load = under_load and bool(self._in_flight)
@@ -247,7 +223,7 @@ class MicroBatcher:
                     continue
                 staging = len(self._in_flight) >= self.instances
                 if staging:  # all busy: stage the next batch once it is full and independent of the running ones
-                    if len(self._in_flight) > self.instances or not self._next_is_full() or not self._independent():
+                    if len(self._in_flight) > self.instances or not self._queue.next_batch_is_full() or not self._independent():
                         await self._wait_for_change()
                         continue
                 elif under_load and not self._stopping:
@@ -267,21 +243,17 @@ class MicroBatcher:
         self._wakeup.clear()
         await self._wakeup.wait()
 
-    def _independent(self, selection: list[_Slice] | None = None) -> bool:
+    def _independent(self, selection: list[Slice] | None = None) -> bool:
         """None of the next batch's requests has images in a batch that is still running or staged."""
-        return all(request.done == request.taken for request, _, _ in (self._select() if selection is None else selection))
-
-    def _next_is_full(self) -> bool:
-        return bool(self._pending) and self._queued_for(self._pending[0].batch_key) >= self.max_batch_size
+        return all(request.done == request.taken for request, _, _ in (self._queue.select() if selection is None else selection))
 
     async def _wait_to_fill(self) -> None:
         """Under load: wait until the next batch is full or its oldest image has waited max_delay."""
         loop = asyncio.get_running_loop()
-        while self._pending and not self._stopping:
-            head = self._pending[0]
-            if self._queued_for(head.batch_key) >= self.max_batch_size:
+        while self._queue and not self._stopping:
+            if self._queue.next_batch_is_full():
                 return
-            remaining = head.enqueued_at + self.max_delay_s - loop.time()
+            remaining = self._queue.oldest.enqueued_at + self.max_delay_s - loop.time()
             if remaining <= 0:
                 return
             self._wakeup.clear()
@@ -290,55 +262,29 @@ class MicroBatcher:
             except TimeoutError:
                 return
 
-    async def _take_batch(self, staging: bool = False) -> list[_Slice]:
+    async def _take_batch(self, staging: bool = False) -> list[Slice]:
         """Select the next batch, dropping expired and disconnected requests before they run. When `staging`,
         empty if the selection is no longer independent (the queue's head may change while probes run)."""
-        probed: set[_Request] = set()
+        probed: set[QueuedRequest] = set()
         while True:
-            now = time.monotonic()
-            for request in [r for r in self._pending if r.deadline is not None and r.deadline <= now]:
+            for request in self._queue.past_deadline(time.monotonic()):
                 self._expire(request)
-            selection = self._select()
+            selection = self._queue.select()
             waited_enough = asyncio.get_running_loop().time() - self._probe_after_s
             unprobed = [r for r, _, _ in selection
                         if r.is_disconnected is not None and r not in probed and r.enqueued_at <= waited_enough]
             if staging and not self._independent(selection):
                 return []
             if not unprobed:
-                return self._commit(selection)
-            gone = await asyncio.gather(*(self._probe(r) for r in unprobed))
+                return self._queue.take(selection)
+            gone = await asyncio.gather(*(r.client_left() for r in unprobed))
             for request, is_gone in zip(unprobed, gone, strict=True):
                 probed.add(request)
                 if is_gone:
                     self._withdraw(request, reason="disconnected")
-                    self._settle(request, ClientDisconnected(f"client left while queued for model '{self.name}'"))
+                    request.fail(ClientDisconnected(f"client left while queued for model '{self.name}'"))
 
-    def _select(self) -> list[_Slice]:
-        """Up to max_batch_size images sharing the oldest request's key, FIFO. Mutates nothing."""
-        if not self._pending:
-            return []
-        key = self._pending[0].batch_key
-        selection: list[_Slice] = []
-        room = self.max_batch_size
-        for request in self._pending:
-            if request.batch_key != key:
-                continue
-            count = min(room, request.untaken)
-            selection.append((request, request.taken, count))
-            room -= count
-            if room == 0:
-                break
-        return selection
-
-    def _commit(self, selection: list[_Slice]) -> list[_Slice]:
-        for request, _, count in selection:
-            request.taken += count
-            self._queued -= count
-            if request.untaken == 0:
-                self._pending.remove(request)
-        return selection
-
-    def _dispatch(self, selection: list[_Slice]) -> None:
+    def _dispatch(self, selection: list[Slice]) -> None:
         """Hand the batch to the worker thread: it starts now, or (staged) when the running batch ends."""
         batch = _Batch(selection, alone=not self._in_flight)
         self._in_flight.append(batch)
@@ -377,17 +323,14 @@ class MicroBatcher:
             error = InferenceFailed(f"model '{self.name}' failed to run a batch of {len(items)} images")
             for request, _, _ in batch.slices:
                 self._withdraw(request, reason=None)
-                self._settle(request, error)
+                request.fail(error)
         else:
-            self._batch_s_ema = seconds if self._batch_s_ema is None else 0.8 * self._batch_s_ema + 0.2 * seconds
+            self._queue.record_batch_seconds(seconds)
             self._notify("batch_run", len(items), seconds)
             offset = 0
             for request, start, count in batch.slices:
-                request.results[start:start + count] = outputs[offset:offset + count]
-                request.done += count
+                request.add_results(start, outputs[offset:offset + count])
                 offset += count
-                if request.done == len(request.items) and not request.future.done():
-                    request.future.set_result(request.results)
         finally:
             self._finished(batch)
 
@@ -410,62 +353,30 @@ class MicroBatcher:
 
     def _fail_everything(self, error: ServiceError) -> None:
         running = [request for batch in self._in_flight for request, _, _ in batch.slices]
-        for request in running + list(self._pending):
+        for request in running + list(self._queue):
             self._fail(request, error, reason="shutdown")
         self._in_flight.clear()
 
     # ---- helpers --------------------------------------------------------------------------------
 
-    def _queued_for(self, key: Hashable) -> int:
-        total = 0
-        for request in self._pending:
-            if request.batch_key == key:
-                total += request.untaken
-                if total >= self.max_batch_size:
-                    break
-        return total
-
-    async def _probe(self, request: _Request) -> bool:
-        try:
-            return bool(await asyncio.wait_for(request.is_disconnected(), _DISCONNECT_PROBE_TIMEOUT_S))
-        except Exception:  # a failing or slow probe says nothing: keep the request
-            return False
-
-    def _expire(self, request: _Request) -> None:
+    def _expire(self, request: QueuedRequest) -> None:
         """Deadline reached: drop the images still queued. Images already running are waited for."""
         if request.untaken and not request.future.done():
             self._fail(request, DeadlineExceeded(f"deadline passed while queued for model '{self.name}'"),
                        reason="deadline")
 
-    def _fail(self, request: _Request, error: ServiceError, *, reason: str) -> None:
+    def _fail(self, request: QueuedRequest, error: ServiceError, *, reason: str) -> None:
         self._withdraw(request, reason=reason)
-        self._settle(request, error)
+        request.fail(error)
 
-    def _withdraw(self, request: _Request, *, reason: str | None) -> None:
+    def _withdraw(self, request: QueuedRequest, *, reason: str | None) -> None:
         """Remove a request's not-yet-started images from the queue (idempotent)."""
-        if request.untaken == 0:
+        if not self._queue.withdraw(request):
             return
-        self._queued -= request.untaken
-        request.taken = len(request.items)
-        self._pending.remove(request)
         self._notify("queue_depth", self.queued_images)
         if reason is not None:
             self._notify("rejected", reason)
         self._wakeup.set()
-
-    @staticmethod
-    def _settle(request: _Request, error: ServiceError) -> None:
-        if not request.future.done():
-            request.future.set_exception(error)
-
-    def _overloaded(self, images: int) -> Overloaded:
-        if images > self.max_queue_images:
-            return Overloaded(f"a request of {images} images exceeds model '{self.name}' queue of "
-                              f"{self.max_queue_images} images")
-        batches_ahead = self.queued_images / self.max_batch_size + 1
-        retry_after = math.ceil(batches_ahead * (self._batch_s_ema or 0.0) / self.instances)  # instances run side by side
-        return Overloaded(f"model '{self.name}' queue is full ({self.queued_images} images waiting)",
-                          retry_after_s=min(max(retry_after, 1), 60))
 
     def _notify(self, method: str, *args: Any) -> None:
         callback = getattr(self._observer, method, None)

@@ -1,95 +1,16 @@
-"""The dynamic batcher: batches form under load, never delay a lone request, stay bounded and fair,
-drop dead work before inference, isolate failures and drain on stop. Plain asyncio.run, no plugin."""
+"""The dynamic batcher's scheduling: batches form under load, never delay a lone request, are staged and
+spread over instances, isolate failures, report to the observer and drain on stop. What waits in the queue
+and in which order is in test_request_queue.py. Plain asyncio.run, no plugin."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import pytest
+from batcher_harness import FakeModel, RecordingObserver, hold_runner, run, until_queued
 
-from service.batching import ClientDisconnected, MicroBatcher, NullObserver
-from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
-
-
-class FakeModel:
-    """A blocking run_batch: records every batch, sleeps `delay` seconds, can fail or hold a batch."""
-
-    def __init__(self, delay: float = 0.0, fail_on: str | None = None) -> None:
-        self.delay = delay
-        self.fail_on = fail_on
-        self.batches: list[list] = []
-        self.started_at: list[float] = []  # perf_counter() at the start of each batch
-        self.started = threading.Event()  # set when a batch holding "hold" starts
-        self.release = threading.Event()  # that batch finishes once this is set
-
-    def __call__(self, items: list) -> list:
-        self.started_at.append(time.perf_counter())
-        self.batches.append(list(items))
-        if "hold" in items:
-            self.started.set()
-            self.release.wait(timeout=5)
-        time.sleep(self.delay)
-        if self.fail_on is not None and self.fail_on in items:
-            raise RuntimeError("boom: secret traceback detail")
-        return [f"out:{item}" for item in items]
-
-    @property
-    def sizes(self) -> list[int]:
-        return [len(batch) for batch in self.batches]
-
-    @property
-    def seen(self) -> list:
-        return [item for batch in self.batches for item in batch]
-
-
-class RecordingObserver(NullObserver):
-    def __init__(self) -> None:
-        self.depths: list[int] = []
-        self.runs: list[tuple[int, float]] = []
-        self.waits: list[float] = []
-        self.rejections: list[str] = []
-
-    def queue_depth(self, images: int) -> None:
-        self.depths.append(images)
-
-    def batch_run(self, size: int, inference_s: float) -> None:
-        self.runs.append((size, inference_s))
-
-    def queue_wait(self, seconds: float) -> None:
-        self.waits.append(seconds)
-
-    def rejected(self, reason: str) -> None:
-        self.rejections.append(reason)
-
-
-def run(test_body, model: FakeModel, **options):
-    """Build a started batcher, hand it to `test_body`, and always release and stop it."""
-    options = {"max_batch_size": 4, "max_delay_ms": 20, "max_queue_images": 64, **options}
-
-    async def main():
-        batcher = MicroBatcher(model, name="vit-test", **options)
-        await batcher.start()
-        try:
-            return await test_body(batcher)
-        finally:
-            model.release.set()
-            await batcher.stop(drain=False, timeout=5)
-
-    return asyncio.run(main())
-
-
-async def hold_runner(batcher: MicroBatcher, model: FakeModel) -> asyncio.Task:
-    """Occupy the runner with a batch that finishes only when `model.release` is set."""
-    task = asyncio.create_task(batcher.submit(["hold"]))
-    while not model.started.is_set():
-        await asyncio.sleep(0.001)
-    return task
-
-
-async def until_queued(batcher: MicroBatcher, images: int) -> None:
-    while batcher.queued_images < images:
-        await asyncio.sleep(0.001)
+from service.batching import MicroBatcher
+from service.errors import InferenceFailed, NotReady, Overloaded
 
 
 def test_concurrent_requests_form_batches():
@@ -246,114 +167,6 @@ def test_a_failing_part_stops_the_parts_of_its_request_that_have_not_started():
     assert sorted(map(tuple, model.batches)) == [("bad", "p1"), ("p2", "p3")]
 
 
-def test_request_larger_than_max_batch_is_split_and_answered_whole_in_order():
-    model = FakeModel()
-
-    async def body(batcher):
-        return await batcher.submit(list(range(10)))
-
-    assert run(body, model, max_batch_size=4) == [f"out:{i}" for i in range(10)]
-    assert model.sizes == [4, 4, 2]
-    assert model.seen == list(range(10))
-
-
-def test_requests_are_served_first_in_first_out():
-    model = FakeModel()
-
-    async def body(batcher):
-        holder = await hold_runner(batcher, model)
-        tasks = [asyncio.create_task(batcher.submit(items)) for items in (["a1", "a2", "a3"], ["b1", "b2"], ["c1"])]
-        await until_queued(batcher, 6)
-        model.release.set()
-        await holder
-        return await asyncio.gather(*tasks)
-
-    results = run(body, model, max_batch_size=4)
-    assert results == [["out:a1", "out:a2", "out:a3"], ["out:b1", "out:b2"], ["out:c1"]]
-    assert model.batches == [["hold"], ["a1", "a2", "a3", "b1"], ["b2", "c1"]]
-
-
-def test_full_queue_refuses_at_once_and_accepted_requests_complete():
-    model = FakeModel()
-    observer = RecordingObserver()
-
-    async def body(batcher):
-        holder = await hold_runner(batcher, model)
-        accepted = [asyncio.create_task(batcher.submit([i, i])) for i in range(3)]
-        await until_queued(batcher, 6)
-        started = time.perf_counter()
-        with pytest.raises(Overloaded) as refused:
-            await batcher.submit(["x"])  # 6 + 1 > 6
-        assert time.perf_counter() - started < 0.05
-        assert refused.value.status == 503
-        assert int(refused.value.headers["Retry-After"]) >= 1
-        with pytest.raises(Overloaded):
-            await batcher.submit(list(range(7)))  # could never fit on its own
-        model.release.set()
-        await holder
-        return await asyncio.gather(*accepted)
-
-    results = run(body, model, max_queue_images=6, observer=observer)
-    assert results == [[f"out:{i}", f"out:{i}"] for i in range(3)]
-    assert "x" not in model.seen
-    assert observer.rejections == ["queue_full", "queue_full"]
-
-
-def test_deadline_passed_while_queued_fails_before_inference():
-    model = FakeModel()
-    observer = RecordingObserver()
-
-    async def body(batcher):
-        holder = await hold_runner(batcher, model)
-        started = time.perf_counter()
-        with pytest.raises(DeadlineExceeded) as late:
-            await batcher.submit(["late"], deadline=time.monotonic() + 0.05)
-        answered_after = time.perf_counter() - started
-        assert batcher.queued_images == 0
-        with pytest.raises(DeadlineExceeded):
-            await batcher.submit(["already-late"], deadline=time.monotonic() - 1)
-        model.release.set()
-        await holder
-        assert await batcher.submit(["next"]) == ["out:next"]
-        return answered_after, late.value
-
-    answered_after, error = run(body, model, observer=observer)
-    assert answered_after < 0.5  # answered at its deadline, not when the runner freed up
-    assert error.status == 504
-    assert "late" not in model.seen and "already-late" not in model.seen
-    assert observer.rejections == ["deadline", "deadline"]
-
-
-def test_disconnected_client_is_dropped_before_inference():
-    model = FakeModel()
-    observer = RecordingObserver()
-
-    async def body(batcher):
-        gone = False
-
-        async def is_disconnected() -> bool:
-            return gone
-
-        holder = await hold_runner(batcher, model)
-        leaving = asyncio.create_task(batcher.submit(["gone"], is_disconnected=is_disconnected))
-        staying = asyncio.create_task(batcher.submit(["stay"], is_disconnected=is_disconnected_never))
-        await until_queued(batcher, 2)
-        gone = True
-        await asyncio.sleep(0.01)  # queued long enough to be asked (probe_after_ms, 5 by default)
-        model.release.set()
-        await holder
-        with pytest.raises(ClientDisconnected):
-            await leaving
-        return await staying
-
-    async def is_disconnected_never() -> bool:
-        return False
-
-    assert run(body, model, observer=observer) == ["out:stay"]
-    assert "gone" not in model.seen
-    assert observer.rejections == ["disconnected"]
-
-
 def test_only_requests_that_waited_are_probed_for_a_disconnect():
     model = FakeModel()
     probes: list[str] = []
@@ -375,25 +188,6 @@ def test_only_requests_that_waited_are_probed_for_a_disconnect():
 
     assert run(body, model, probe_after_ms=20) == ["out:waited"]
     assert probes == ["waited"]
-
-
-def test_cancelled_submit_removes_its_queued_items():
-    model = FakeModel()
-
-    async def body(batcher):
-        holder = await hold_runner(batcher, model)
-        cancelled = asyncio.create_task(batcher.submit(["c1", "c2"]))
-        await until_queued(batcher, 2)
-        cancelled.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await cancelled
-        assert batcher.queued_images == 0
-        model.release.set()
-        await holder
-        return await batcher.submit(["after"])
-
-    assert run(body, model) == ["out:after"]
-    assert "c1" not in model.seen and "c2" not in model.seen
 
 
 def test_failing_batch_fails_only_its_own_requests():
@@ -428,39 +222,6 @@ def test_a_failing_split_request_does_not_run_its_remaining_items():
 
     assert run(body, model, max_batch_size=2) == ["out:next"]
     assert model.batches == [[0, 1], ["next"]]
-
-
-def test_batch_key_separates_incompatible_items_oldest_key_first():
-    model = FakeModel()
-
-    async def body(batcher):
-        holder = await hold_runner(batcher, model)
-        order = [("a1", 75), ("b1", 50), ("a2", 75), ("b2", 50), ("a3", 75)]
-        tasks = [asyncio.create_task(batcher.submit([item], batch_key=key)) for item, key in order]
-        await until_queued(batcher, 5)
-        model.release.set()
-        await holder
-        return await asyncio.gather(*tasks)
-
-    results = run(body, model, max_batch_size=4, max_delay_ms=0)
-    assert results == [["out:a1"], ["out:b1"], ["out:a2"], ["out:b2"], ["out:a3"]]
-    assert model.batches[1:] == [["a1", "a2", "a3"], ["b1", "b2"]]
-
-
-def test_another_key_is_not_starved_by_a_busy_key():
-    model = FakeModel(delay=0.01)
-
-    async def body(batcher):
-        holder = await hold_runner(batcher, model)
-        first_a = [asyncio.create_task(batcher.submit([f"a{i}"], batch_key="a")) for i in range(4)]
-        lone_b = asyncio.create_task(batcher.submit(["b"], batch_key="b"))
-        more_a = [asyncio.create_task(batcher.submit([f"a{i}"], batch_key="a")) for i in range(4, 12)]
-        await until_queued(batcher, 13)
-        model.release.set()
-        await asyncio.gather(holder, lone_b, *first_a, *more_a)
-
-    run(body, model, max_batch_size=4, max_delay_ms=0)
-    assert model.batches[1:3] == [["a0", "a1", "a2", "a3"], ["b"]]
 
 
 def test_event_loop_keeps_running_during_a_slow_batch():

@@ -1,0 +1,285 @@
+"""The request queue: bounded in images and refused whole with a Retry-After, oldest request first, one
+batch key per batch without starving another, and withdrawn images (deadline, client gone, cancelled)
+never run. First the RequestQueue on its own, then the same rules seen through a running MicroBatcher."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from batcher_harness import FakeModel, RecordingObserver, hold_runner, run, until_queued
+
+from service.batching import ClientDisconnected
+from service.errors import DeadlineExceeded, Overloaded
+from service.request_queue import QueuedRequest, RequestQueue
+
+
+@pytest.fixture
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def queued(loop, queue: RequestQueue, items, key=None, deadline=None) -> QueuedRequest:
+    request = QueuedRequest(list(items), loop.create_future(), loop.time(), deadline, None, key)
+    queue.add(request)
+    return request
+
+
+def new_queue(max_images: int = 8, max_batch_size: int = 4, instances: int = 1) -> RequestQueue:
+    return RequestQueue(name="vit-test", max_images=max_images, max_batch_size=max_batch_size, instances=instances)
+
+
+def test_selection_is_the_oldest_key_in_arrival_order_up_to_a_batch(loop):
+    queue = new_queue(max_batch_size=4)
+    a1 = queued(loop, queue, ["a1", "a1'"], key="a")
+    b1 = queued(loop, queue, ["b1"], key="b")
+    a2 = queued(loop, queue, ["a2", "a2'", "a2''"], key="a")
+    selection = queue.select()
+    assert selection == [(a1, 0, 2), (a2, 0, 2)]  # a2 split: its first two images fill the batch
+    assert queue.select() == selection and queue.images == 6  # selecting takes nothing
+    assert queue.take(selection) == selection
+    assert queue.images == 2 and list(queue) == [b1, a2]  # a1 left the queue, a2 keeps its last image
+    assert queue.oldest is b1 and queue.select() == [(b1, 0, 1)]
+    queue.take(queue.select())
+    assert queue.select() == [(a2, 2, 1)]
+
+
+def test_next_batch_is_full_counts_only_the_oldest_key(loop):
+    queue = new_queue(max_batch_size=2)
+    assert not queue.next_batch_is_full()
+    queued(loop, queue, ["a"], key="a")
+    queued(loop, queue, ["b", "b"], key="b")
+    assert not queue.next_batch_is_full()
+    queued(loop, queue, ["a"], key="a")
+    assert queue.next_batch_is_full()
+
+
+def test_refusal_counts_staged_images_and_estimates_retry_after_from_batch_times(loop):
+    queue = new_queue(max_images=8, max_batch_size=2, instances=2)
+    queued(loop, queue, range(6))
+    assert queue.refusal(2) is None
+    assert queue.refusal(1, staged=2) is not None  # staged images still wait: 6 + 2 + 1 > 8
+    assert queue.refusal(3).headers["Retry-After"] == "1"  # no batch timed yet
+    queue.record_batch_seconds(4.0)
+    refused = queue.refusal(3)
+    assert "6 images waiting" in refused.message
+    assert refused.headers["Retry-After"] == "8"  # 6/2 + 1 batches of 4 s, two at a time
+    assert queue.refusal(3, staged=2).headers["Retry-After"] == "10"  # 8/2 + 1 batches
+    queue.record_batch_seconds(9.0)  # the average moves a fifth of the way: 5 s
+    assert queue.refusal(3).headers["Retry-After"] == "10"
+    queue.record_batch_seconds(1000.0)
+    assert queue.refusal(3).headers["Retry-After"] == "60"  # capped
+    too_large = new_queue(max_images=8).refusal(9)
+    assert isinstance(too_large, Overloaded) and "exceeds" in too_large.message
+
+
+def test_withdraw_removes_only_untaken_images_once(loop):
+    queue = new_queue(max_batch_size=2)
+    request = queued(loop, queue, ["a", "b", "c"])
+    other = queued(loop, queue, ["d"])
+    queue.take(queue.select())  # a, b are running
+    assert queue.withdraw(request)
+    assert queue.images == 1 and list(queue) == [other]
+    assert not queue.withdraw(request)
+    assert queue.images == 1
+
+
+def test_past_deadline_lists_only_requests_whose_deadline_came(loop):
+    queue = new_queue()
+    late = queued(loop, queue, ["late"], deadline=10.0)
+    queued(loop, queue, ["on time"], deadline=20.0)
+    queued(loop, queue, ["no deadline"])
+    assert queue.past_deadline(10.0) == [late]
+
+
+def test_a_request_is_answered_once_every_image_has_a_result(loop):
+    request = QueuedRequest(["a", "b", "c"], loop.create_future(), 0.0, None, None, None)
+    request.add_results(2, ["C"])
+    assert not request.future.done()
+    request.add_results(0, ["A", "B"])
+    assert request.future.result() == ["A", "B", "C"]
+    request.fail(RuntimeError("too late"))  # an answer given stays
+    assert request.future.result() == ["A", "B", "C"]
+
+
+def test_a_failing_or_stuck_disconnect_probe_keeps_the_request(loop):
+    async def fails() -> bool:
+        raise RuntimeError("probe broke")
+
+    async def hangs() -> bool:
+        await asyncio.sleep(10)
+        return True
+
+    async def left() -> bool:
+        return True
+
+    def client_left(probe) -> bool:
+        request = QueuedRequest(["a"], loop.create_future(), 0.0, None, probe, None)
+        return loop.run_until_complete(request.client_left())
+
+    assert client_left(left)
+    started = time.perf_counter()
+    assert not client_left(fails) and not client_left(hangs)
+    assert time.perf_counter() - started < 1
+
+
+def test_request_larger_than_max_batch_is_split_and_answered_whole_in_order():
+    model = FakeModel()
+
+    async def body(batcher):
+        return await batcher.submit(list(range(10)))
+
+    assert run(body, model, max_batch_size=4) == [f"out:{i}" for i in range(10)]
+    assert model.sizes == [4, 4, 2]
+    assert model.seen == list(range(10))
+
+
+def test_requests_are_served_first_in_first_out():
+    model = FakeModel()
+
+    async def body(batcher):
+        holder = await hold_runner(batcher, model)
+        tasks = [asyncio.create_task(batcher.submit(items)) for items in (["a1", "a2", "a3"], ["b1", "b2"], ["c1"])]
+        await until_queued(batcher, 6)
+        model.release.set()
+        await holder
+        return await asyncio.gather(*tasks)
+
+    results = run(body, model, max_batch_size=4)
+    assert results == [["out:a1", "out:a2", "out:a3"], ["out:b1", "out:b2"], ["out:c1"]]
+    assert model.batches == [["hold"], ["a1", "a2", "a3", "b1"], ["b2", "c1"]]
+
+
+def test_full_queue_refuses_at_once_and_accepted_requests_complete():
+    model = FakeModel()
+    observer = RecordingObserver()
+
+    async def body(batcher):
+        holder = await hold_runner(batcher, model)
+        accepted = [asyncio.create_task(batcher.submit([i, i])) for i in range(3)]
+        await until_queued(batcher, 6)
+        started = time.perf_counter()
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(["x"])  # 6 + 1 > 6
+        assert time.perf_counter() - started < 0.05
+        assert refused.value.status == 503
+        assert int(refused.value.headers["Retry-After"]) >= 1
+        with pytest.raises(Overloaded):
+            await batcher.submit(list(range(7)))  # could never fit on its own
+        model.release.set()
+        await holder
+        return await asyncio.gather(*accepted)
+
+    results = run(body, model, max_queue_images=6, observer=observer)
+    assert results == [[f"out:{i}", f"out:{i}"] for i in range(3)]
+    assert "x" not in model.seen
+    assert observer.rejections == ["queue_full", "queue_full"]
+
+
+def test_deadline_passed_while_queued_fails_before_inference():
+    model = FakeModel()
+    observer = RecordingObserver()
+
+    async def body(batcher):
+        holder = await hold_runner(batcher, model)
+        started = time.perf_counter()
+        with pytest.raises(DeadlineExceeded) as late:
+            await batcher.submit(["late"], deadline=time.monotonic() + 0.05)
+        answered_after = time.perf_counter() - started
+        assert batcher.queued_images == 0
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(["already-late"], deadline=time.monotonic() - 1)
+        model.release.set()
+        await holder
+        assert await batcher.submit(["next"]) == ["out:next"]
+        return answered_after, late.value
+
+    answered_after, error = run(body, model, observer=observer)
+    assert answered_after < 0.5  # answered at its deadline, not when the runner freed up
+    assert error.status == 504
+    assert "late" not in model.seen and "already-late" not in model.seen
+    assert observer.rejections == ["deadline", "deadline"]
+
+
+def test_disconnected_client_is_dropped_before_inference():
+    model = FakeModel()
+    observer = RecordingObserver()
+
+    async def body(batcher):
+        gone = False
+
+        async def is_disconnected() -> bool:
+            return gone
+
+        holder = await hold_runner(batcher, model)
+        leaving = asyncio.create_task(batcher.submit(["gone"], is_disconnected=is_disconnected))
+        staying = asyncio.create_task(batcher.submit(["stay"], is_disconnected=is_disconnected_never))
+        await until_queued(batcher, 2)
+        gone = True
+        await asyncio.sleep(0.01)  # queued long enough to be asked (probe_after_ms, 5 by default)
+        model.release.set()
+        await holder
+        with pytest.raises(ClientDisconnected):
+            await leaving
+        return await staying
+
+    async def is_disconnected_never() -> bool:
+        return False
+
+    assert run(body, model, observer=observer) == ["out:stay"]
+    assert "gone" not in model.seen
+    assert observer.rejections == ["disconnected"]
+
+
+def test_cancelled_submit_removes_its_queued_items():
+    model = FakeModel()
+
+    async def body(batcher):
+        holder = await hold_runner(batcher, model)
+        cancelled = asyncio.create_task(batcher.submit(["c1", "c2"]))
+        await until_queued(batcher, 2)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert batcher.queued_images == 0
+        model.release.set()
+        await holder
+        return await batcher.submit(["after"])
+
+    assert run(body, model) == ["out:after"]
+    assert "c1" not in model.seen and "c2" not in model.seen
+
+
+def test_batch_key_separates_incompatible_items_oldest_key_first():
+    model = FakeModel()
+
+    async def body(batcher):
+        holder = await hold_runner(batcher, model)
+        order = [("a1", 75), ("b1", 50), ("a2", 75), ("b2", 50), ("a3", 75)]
+        tasks = [asyncio.create_task(batcher.submit([item], batch_key=key)) for item, key in order]
+        await until_queued(batcher, 5)
+        model.release.set()
+        await holder
+        return await asyncio.gather(*tasks)
+
+    results = run(body, model, max_batch_size=4, max_delay_ms=0)
+    assert results == [["out:a1"], ["out:b1"], ["out:a2"], ["out:b2"], ["out:a3"]]
+    assert model.batches[1:] == [["a1", "a2", "a3"], ["b1", "b2"]]
+
+
+def test_another_key_is_not_starved_by_a_busy_key():
+    model = FakeModel(delay=0.01)
+
+    async def body(batcher):
+        holder = await hold_runner(batcher, model)
+        first_a = [asyncio.create_task(batcher.submit([f"a{i}"], batch_key="a")) for i in range(4)]
+        lone_b = asyncio.create_task(batcher.submit(["b"], batch_key="b"))
+        more_a = [asyncio.create_task(batcher.submit([f"a{i}"], batch_key="a")) for i in range(4, 12)]
+        await until_queued(batcher, 13)
+        model.release.set()
+        await asyncio.gather(holder, lone_b, *first_a, *more_a)
+
+    run(body, model, max_batch_size=4, max_delay_ms=0)
+    assert model.batches[1:3] == [["a0", "a1", "a2", "a3"], ["b"]]
