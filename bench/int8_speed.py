@@ -24,7 +24,8 @@ import numpy as np
 import onnxruntime
 import torch
 
-from export.graphs import IMAGES, ClassifierGraph
+from export.graphs import ClassifierGraph
+from modelrepo.names import IMAGES
 from export.onnx_export import export_onnx, ort_session
 from export.variants import quantize_int8
 from model.data import IMAGENET_MEAN, IMAGENET_STD

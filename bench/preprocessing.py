@@ -31,7 +31,8 @@ import numpy as np
 import onnxruntime
 import torch
 
-from export.graphs import IMAGES, LOGITS, ClassifierGraph, ExportGraph
+from export.graphs import ClassifierGraph, ExportGraph
+from modelrepo.names import IMAGES, LOGITS
 from export.onnx_export import DEFAULT_OPSET, export_onnx, ort_session
 from model.data import IMAGENET_MEAN, IMAGENET_STD, SYNTHETIC_MEAN, SYNTHETIC_STD
 from model.presets import vit_preset

@@ -11,12 +11,14 @@ from pathlib import Path
 from model.checkpoints import CheckpointError
 from model.presets import ConfigError
 
-from .onnx_export import DEFAULT_OPSET
-from .parity import ParityError
-from .pipeline import ExportError, ExportRequest, export_checkpoint
-from .repository import RepositoryError
+from modelrepo import RepositoryError
 
-EXPORT_ERRORS = (CheckpointError, ConfigError, RepositoryError, ExportError, ParityError)
+from .errors import ExportError
+from .onnx_export import DEFAULT_OPSET
+from .pipeline import ExportRequest, export_checkpoint
+
+# Every failure the export knows: its own, and those of the checkpoint and repository layers below it.
+EXPORT_ERRORS = (CheckpointError, ConfigError, RepositoryError, ExportError)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -58,10 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vit-export: error: {error}", file=sys.stderr)
         return 2
     summary = [
-        {"name": m["name"], "version": m["version"], "task": m["task"],
-         "path": str(args.repo / m["name"] / str(m["version"])),
-         "variants": {k: v.get("max_abs_diff_vs_torch") or v.get("agreement_vs_fp32") for k, v in m["variants"].items()}}
-        for m in written
+        {"name": w.name, "version": w.version, "task": w.metadata.task, "path": str(w.path),
+         "variants": {kind: dict(v.max_abs_diff_vs_torch or v.agreement_vs_fp32 or {}) for kind, v in w.metadata.variants.items()}}
+        for w in written
     ]
     print(json.dumps(summary, indent=2))
     return 0

@@ -24,15 +24,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from model.mae import MaskedAutoencoder, num_visible
+from model.mae import MaskedAutoencoder, denormalise_patches, num_visible
 from model.vit import VisionTransformer
-
-# The input and output names, in the graphs and in the ONNX files.
-IMAGES, NOISE, KEEP = "images", "noise", "keep"
-LOGITS, EMBEDDING = "logits", "embedding"
-PATCHES, MASK, LOSS, RECONSTRUCTION = "patches", "mask", "loss", "reconstruction"
-
-BATCH = -1  # the dynamic batch axis in `graph_info` shapes
+from modelrepo import TensorSpec
+from modelrepo.names import BATCH, EMBEDDING, IMAGES, KEEP, LOGITS, LOSS, MASK, NOISE, PATCHES, RECONSTRUCTION
 
 
 class Normalise(nn.Module):
@@ -77,6 +72,18 @@ class ExportGraph(nn.Module):
         """name -> (numpy dtype name, shape with BATCH for the batch axis), inputs and outputs."""
         height, width = self.image_size
         return {IMAGES: ("uint8", (BATCH, height, width, 3))}
+
+    @property
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        return self._specs(self.input_names)
+
+    @property
+    def output_specs(self) -> tuple[TensorSpec, ...]:
+        return self._specs(self.output_names)
+
+    def _specs(self, names: Sequence[str]) -> tuple[TensorSpec, ...]:
+        shapes = self.shapes()
+        return tuple(TensorSpec(name, shapes[name][0], tuple(shapes[name][1])) for name in names)
 
     def example_inputs(self, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
         """Random inputs of the right dtypes and shapes, for tracing and smoke tests."""
@@ -190,9 +197,7 @@ class ReconstructorGraph(ExportGraph):
         """
         target = self.mae.patchify(images)  # (B, L, p*p*3)
         if self.mae.config.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            patches = patches * (var + 1.0e-6) ** 0.5 + mean
+            patches = denormalise_patches(patches, target)
         mixed = torch.where(mask.unsqueeze(-1) > 0.5, patches, target)  # (B, L, p*p*3)
         return self.normalise.to_pixels(self.mae.unpatchify(mixed))
 
@@ -226,37 +231,3 @@ def visible_set_inputs(visible: Sequence[Sequence[int]], num_patches: int) -> tu
     for row, indices in enumerate(visible):
         noise[row, list(indices)] = 0.0
     return noise, np.array(counts.pop(), dtype=np.int64)
-
-
-def graph_info(graph: ExportGraph) -> dict[str, Any]:
-    """What a server needs to know about a graph: task, names, dtypes, shapes (-1 = batch), preprocessing."""
-    shapes = graph.shapes()
-
-    def describe(names: Sequence[str]) -> list[dict[str, Any]]:
-        return [{"name": name, "dtype": shapes[name][0], "shape": list(shapes[name][1])} for name in names]
-
-    config = graph._encoder_config
-    info: dict[str, Any] = {
-        "task": graph.task,
-        "inputs": describe(graph.input_names),
-        "outputs": describe(graph.output_names),
-        "image_size": list(graph.image_size),
-        "input_layout": "NHWC uint8 RGB, resized to image_size; normalised in the graph",
-        "mean": graph.normalise.mean.flatten().tolist(),
-        "std": graph.normalise.std.flatten().tolist(),
-        "patch_size": config.patch_size,
-        "grid_size": list(config.grid_size),
-        "num_patches": config.num_patches,
-    }
-    if isinstance(graph, ClassifierGraph):
-        info["num_classes"] = graph.vit.config.num_classes
-    elif isinstance(graph, EmbedderGraph):
-        info["pooling"] = graph.pooling
-        info["embedding_dim"] = graph.encoder.embed_dim
-        info["normalized"] = False  # L2-normalise on request, outside the graph
-    elif isinstance(graph, ReconstructorGraph):
-        info["mask_ratio"] = graph.mae.config.mask_ratio
-        info["default_keep"] = graph.default_keep
-        info["norm_pix_loss"] = graph.mae.config.norm_pix_loss
-        info["masking"] = "keep the `keep` patches with the lowest noise, ties in patch order; mask 1 = masked"
-    return info

@@ -28,6 +28,9 @@ import torch
 from onnx.external_data_helper import uses_external_data
 from onnxscript import opset18 as op
 
+from modelrepo.session import open_session
+
+from .errors import ExportError
 from .graphs import ExportGraph, ReconstructorGraph
 
 # Chosen by measurement: `python bench/export_paths.py` (onnxruntime 1.32 CPU, 2 threads, random
@@ -48,10 +51,6 @@ DEFAULT_OPSET = 23
 DEFAULT_DYNAMO = True
 
 MAX_SINGLE_FILE_BYTES = 2 * 1024**3  # protobuf's limit: beyond it weights must live in a sidecar
-
-
-class ExportError(RuntimeError):
-    """A graph that cannot be exported the way it was asked for."""
 
 
 def sort_with_topk(self, *, stable=None, dim: int = -1, descending: bool = False):
@@ -144,15 +143,5 @@ def fold_external_data(path: str | os.PathLike) -> None:
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None) -> onnxruntime.InferenceSession:
-    """An onnxruntime session on the CPU provider with an explicit intra-op thread count (default: usable cores)."""
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads if threads else _usable_cores()
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only: constant-folding remarks about fused ops are not actionable
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """An onnxruntime session on the CPU provider, opened as the service opens it (threads default to the usable cores)."""
+    return open_session(Path(path), ["CPUExecutionProvider"], threads)

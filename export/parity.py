@@ -7,7 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from .graphs import IMAGES, KEEP, MASK, NOISE, ExportGraph, ReconstructorGraph
+from modelrepo.names import IMAGES, KEEP, MASK, NOISE
+
+from .errors import ParityError
+from .graphs import ExportGraph, ReconstructorGraph
 from .onnx_export import ort_session
 
 # Absolute tolerance on float outputs (logits, embedding, patches, loss). fp32 onnxruntime against
@@ -20,10 +23,6 @@ UINT8_TOLERANCE = 1.0
 EXACT_OUTPUTS = frozenset({MASK})
 
 TIE_LEVELS = 4  # tie-heavy noise takes only this many values, so most cut-offs fall inside a run of ties
-
-
-class ParityError(ValueError):
-    """ONNX and PyTorch disagree on an output beyond its tolerance."""
 
 
 def default_tolerance(name: str, dtype: np.dtype) -> float:

@@ -1,41 +1,32 @@
 """Checkpoint in, model repository versions out: pick the graphs, export, check, write metadata."""
 from __future__ import annotations
 
-import datetime
 import hashlib
 from dataclasses import dataclass, field
-from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime
-import torch
 from torch import nn
 
 from model.checkpoints import LoadedCheckpoint, load_checkpoint
 from model.data import IMAGE_EXTENSIONS, decode_image, make_synthetic
-from model.mae import MaskedAutoencoder
+from model.mae import MaskedAutoencoder, encoder_of
 from model.transforms import resize_and_centre_crop
 from model.vit import VisionTransformer
+from modelrepo import ModelMetadata, VariantRecord, check_name, check_repository, read_metadata, staged_version, write_metadata
+from modelrepo.names import VARIANT_FILES
+from modelrepo.triton import triton_config, write_triton_config
 
-from .graphs import ClassifierGraph, EmbedderGraph, ReconstructorGraph, graph_info
+from .errors import ExportError, VariantError
+from .graphs import ClassifierGraph, EmbedderGraph, ExportGraph, ReconstructorGraph
+from .metadata import CROP_FRACTION, build_metadata
 from .onnx_export import DEFAULT_DYNAMO, DEFAULT_OPSET, export_onnx
 from .parity import FP32_TOLERANCE, check_parity, parity_inputs
-from .repository import (
-    METADATA_FILE, METADATA_FORMAT, METADATA_VERSION, VARIANT_FILES, check_name, check_repository, read_metadata,
-    staged_version, triton_config, write_json, write_triton_config,
-)
 from .variants import FP16_TOLERANCE, INT8_TOLERANCE, check_variant, compare_variant, convert_fp16, quantize_int8
 
-# How the service must resize an image before the graph sees it: the evaluation transform of model/transforms.py.
-CROP_FRACTION = 0.875
 NUM_REAL_IMAGES = 64
-
-
-class ExportError(ValueError):
-    """An export that cannot be done as asked (the message says why)."""
+VARIANT_BUILDERS = {"int8": (quantize_int8, INT8_TOLERANCE), "fp16": (convert_fp16, FP16_TOLERANCE)}
 
 
 @dataclass
@@ -59,10 +50,19 @@ class ExportRequest:
 class PlannedGraph:
     name: str
     task: str  # classify | embed | reconstruct
-    graph: nn.Module
+    graph: ExportGraph
 
 
-def export_checkpoint(request: ExportRequest) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class WrittenVersion:
+    """What one export wrote: where, and its metadata."""
+    name: str
+    version: int
+    path: Path
+    metadata: ModelMetadata
+
+
+def export_checkpoint(request: ExportRequest) -> list[WrittenVersion]:
     """Export every graph the checkpoint supports; returns the metadata of each version written."""
     check_repository(request.repo)
     base_name = request.name or default_name(request.checkpoint)
@@ -85,8 +85,7 @@ def default_name(checkpoint: Path) -> str:
 
 
 def set_image_size(model: nn.Module, size: int) -> None:
-    vit = model.encoder if isinstance(model, MaskedAutoencoder) else model
-    patch = vit.config.patch_size
+    patch = encoder_of(model).config.patch_size
     if size <= 0 or size % patch:
         raise ExportError(f"image size {size} is not a positive multiple of the model's patch size {patch}")
     if isinstance(model, MaskedAutoencoder):
@@ -95,7 +94,7 @@ def set_image_size(model: nn.Module, size: int) -> None:
 
 
 def image_size_of(model: nn.Module) -> tuple[int, int]:
-    return getattr(model.config, "encoder", model.config).image_size
+    return encoder_of(model).config.image_size
 
 
 def plan_graphs(loaded: LoadedCheckpoint, name: str) -> list[PlannedGraph]:
@@ -130,8 +129,8 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export_graph(request: ExportRequest, loaded: LoadedCheckpoint, plan: PlannedGraph, real_images: np.ndarray, checkpoint_sha: str) -> dict[str, Any]:
-    info = graph_info(plan.graph)
+def export_graph(request: ExportRequest, loaded: LoadedCheckpoint, plan: PlannedGraph, real_images: np.ndarray,
+                 checkpoint_sha: str) -> WrittenVersion:
     inputs = parity_inputs(plan.graph, real_images=real_images)
     # Variants are judged on the real images, all at once: top-1 agreement on noise images means little.
     if plan.task == "reconstruct":
@@ -139,74 +138,30 @@ def export_graph(request: ExportRequest, loaded: LoadedCheckpoint, plan: Planned
     else:
         variant_inputs = [{plan.graph.input_names[0]: real_images}]
     with staged_version(request.repo, plan.name) as staged:
-        staging = staged.path
-        fp32_path = staging / VARIANT_FILES["fp32"]
+        fp32_path = staged.path / VARIANT_FILES["fp32"]
         export_onnx(plan.graph, inputs[0], fp32_path, opset=request.opset, dynamo=request.dynamo)
-        variants = {"fp32": {"file": fp32_path.name, "tolerance": FP32_TOLERANCE,
-                             "max_abs_diff_vs_torch": check_parity(plan.graph, fp32_path, inputs, FP32_TOLERANCE)}}
-        if request.int8:
-            path = staging / VARIANT_FILES["int8"]
-            quantize_int8(fp32_path, path)
-            variants["int8"] = {"file": path.name, "tolerance": INT8_TOLERANCE, **checked_variant(fp32_path, path, variant_inputs, "int8")}
-        if request.fp16:
-            path = staging / VARIANT_FILES["fp16"]
-            convert_fp16(fp32_path, path)
-            variants["fp16"] = {"file": path.name, "tolerance": FP16_TOLERANCE, **checked_variant(fp32_path, path, variant_inputs, "fp16")}
-        metadata = build_metadata(request, loaded, plan, info, variants, checkpoint_sha)
-        write_json(staging / METADATA_FILE, metadata)
-    write_triton_config(request.repo, plan.name, triton_config(plan.name, info["inputs"], info["outputs"], max_batch_size=request.max_batch_size))
-    return read_metadata(request.repo / plan.name / str(staged.version))
+        variants = {"fp32": VariantRecord(fp32_path.name, FP32_TOLERANCE,
+                                          max_abs_diff_vs_torch=check_parity(plan.graph, fp32_path, inputs, FP32_TOLERANCE))}
+        for kind in [k for k in VARIANT_BUILDERS if getattr(request, k)]:
+            variants[kind] = build_variant(kind, fp32_path, staged.path / VARIANT_FILES[kind], variant_inputs)
+        source = {"checkpoint": str(request.checkpoint), "sha256": checkpoint_sha, "format": loaded.source, "step": loaded.step}
+        metadata = build_metadata(plan.name, plan.graph, loaded, variants, source,
+                                  {"opset": request.opset, "dynamo": request.dynamo})
+        write_metadata(staged.path, metadata)
+    write_triton_config(request.repo, plan.name, triton_config(plan.name, metadata.inputs, metadata.outputs,
+                                                                max_batch_size=request.max_batch_size))
+    path = request.repo / plan.name / str(staged.version)
+    return WrittenVersion(plan.name, staged.version, path, read_metadata(path))
 
 
-def checked_variant(reference: Path, variant: Path, inputs: list[dict], kind: str) -> dict[str, Any]:
-    """Agreement of a variant with the fp32 graph; the export fails when it is outside the variant's tolerance."""
-    comparison = compare_variant(reference, variant, inputs)
-    check_variant(comparison, kind)
-    return {"agreement_vs_fp32": comparison}
-
-
-def build_metadata(request: ExportRequest, loaded: LoadedCheckpoint, plan: PlannedGraph, info: dict, variants: dict, checkpoint_sha: str) -> dict[str, Any]:
-    model = loaded.model
-    vit = model.encoder if isinstance(model, MaskedAutoencoder) else model
-    config = vit.config
-    metadata: dict[str, Any] = {
-        "format": METADATA_FORMAT,
-        "format_version": METADATA_VERSION,
-        "name": plan.name,
-        "version": None,  # set when the version directory is committed
-        "task": plan.task,
-        "inputs": info["inputs"],
-        "outputs": info["outputs"],
-        "image": {
-            "size": list(config.image_size),  # (H, W) the graph takes
-            "layout": "NHWC", "dtype": "uint8", "color": "RGB",
-            # the service resizes as the model was evaluated: shorter side to size / crop_fraction, bicubic, centre crop
-            "resize": {"interpolation": "bicubic", "crop_fraction": CROP_FRACTION},
-        },
-        "normalization": {"mean": list(loaded.mean), "std": list(loaded.std), "in_graph": True},
-        "patch_size": config.patch_size,
-        "grid": list(config.grid_size),
-        "num_patches": config.num_patches,
-        "labels": loaded.labels if plan.task == "classify" else None,
-        "num_classes": config.num_classes if plan.task == "classify" else None,
-        "embedding": {"dim": config.embed_dim, "pooling": config.pooling} if plan.task == "embed" else None,
-        "reconstruction": {
-            "default_mask_ratio": model.config.mask_ratio, "norm_pix_loss": model.config.norm_pix_loss,
-            "patch_dim": config.patch_size**2 * config.in_chans,
-        } if plan.task == "reconstruct" else None,
-        "variants": variants,
-        "source": {"checkpoint": str(request.checkpoint), "sha256": checkpoint_sha, "format": loaded.source, "step": loaded.step},
-        "exporter": {
-            "vitserve": _version("vitserve"), "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "opset": request.opset, "dynamo": request.dynamo,
-        },
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    return metadata
-
-
-def _version(package: str) -> str:
+def build_variant(kind: str, reference: Path, path: Path, inputs: list[dict]) -> VariantRecord:
+    """Write a variant beside the fp32 graph and record its agreement; the export fails when it cannot be built
+    or strays outside its tolerance."""
+    convert, tolerance = VARIANT_BUILDERS[kind]
     try:
-        return package_metadata.version(package)
-    except package_metadata.PackageNotFoundError:
-        return "unknown"
+        convert(reference, path)
+        comparison = compare_variant(reference, path, inputs)
+    except Exception as error:  # noqa: BLE001 - the quantiser and converter raise whatever their internals hit
+        raise VariantError(f"{kind} variant could not be built: {type(error).__name__}: {error}") from error
+    check_variant(comparison, kind)
+    return VariantRecord(path.name, tolerance, agreement_vs_fp32=comparison)

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .graphs import IMAGES, LOGITS, MASK
+from modelrepo.names import IMAGES, LOGITS, MASK
+
+from .errors import VariantError
 from .onnx_export import ort_session
 from .parity import max_abs_diff
 
@@ -41,10 +43,6 @@ INT8_PER_CHANNEL = True
 INT8_TOLERANCE = {"relative_max_abs_diff": 0.10, "top1_agreement": 0.98}
 FP16_TOLERANCE = {"relative_max_abs_diff": 0.01, "top1_agreement": 0.995}
 TOLERANCES = {"int8": INT8_TOLERANCE, "fp16": FP16_TOLERANCE}
-
-
-class VariantError(ValueError):
-    """A variant that strays from its fp32 reference beyond its tolerance."""
 
 
 @contextlib.contextmanager

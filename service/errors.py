@@ -40,6 +40,10 @@ class MethodNotAllowed(ServiceError):
     status, type = 405, "method_not_allowed"
 
 
+class NotAcceptable(ServiceError):
+    status, type = 406, "not_acceptable"
+
+
 class PayloadTooLarge(ServiceError):
     status, type = 413, "payload_too_large"
 

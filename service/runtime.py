@@ -8,13 +8,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from .repository import ModelVersion, VARIANT_FILES
+from modelrepo import ModelMetadata
+from modelrepo.names import KEEP
+from modelrepo.session import open_session
+
+from .repository import ModelVersion
 
 log = logging.getLogger("vitserve.runtime")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-NUMPY_DTYPES = {"uint8": np.uint8, "float32": np.float32, "float16": np.float16, "int64": np.int64}
+
+Item = dict[str, np.ndarray]  # one image's inputs (or outputs), by tensor name
 
 
 class RuntimeStartError(Exception):
@@ -40,8 +45,16 @@ class LoadedModel:
         return self.entry.name
 
     @property
-    def metadata(self) -> dict:
+    def metadata(self) -> ModelMetadata:
         return self.entry.metadata
+
+    def run_items(self, items: list[Item], alone: bool = False) -> list[Item]:
+        """Stack the images' inputs into one batch, run it, split the outputs back per image. An input without a
+        batch axis (the reconstructor's `keep`) is one value per batch: the batcher's batch key keeps it equal."""
+        feeds = {spec.name: np.stack([item[spec.name] for item in items]) if spec.batched else np.asarray(items[0][spec.name])
+                 for spec in self.metadata.inputs}
+        outputs = self.run(feeds, alone=alone)
+        return [{name: value[i] for name, value in outputs.items()} for i in range(len(items))]
 
     def run(self, feeds: dict[str, np.ndarray], alone: bool = False) -> dict[str, np.ndarray]:
         """Run one batch. `alone`: nothing else runs now, so use all cores (the solo session) when there is one.
@@ -59,13 +72,10 @@ class LoadedModel:
 
     def dummy_feeds(self, batch: int) -> dict[str, np.ndarray]:
         """Zeros of every input's shape and dtype (keep: the default number of visible patches)."""
-        feeds = {}
-        for spec in self.metadata["inputs"]:
-            shape = [batch if i == 0 and d == -1 else d for i, d in enumerate(spec["shape"])]
-            feeds[spec["name"]] = np.zeros(shape, dtype=NUMPY_DTYPES[spec["dtype"]])
-        if "keep" in feeds:
-            ratio = self.metadata["reconstruction"]["default_mask_ratio"]
-            feeds["keep"] = np.array(max(1, int(self.metadata["num_patches"] * (1 - ratio))), dtype=np.int64)
+        feeds = {spec.name: np.zeros([batch if spec.batched and i == 0 else d for i, d in enumerate(spec.shape)], dtype=spec.dtype)
+                 for spec in self.metadata.inputs}
+        if KEEP in feeds:
+            feeds[KEEP] = np.array(self.metadata.default_keep, dtype=np.int64)
         return feeds
 
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
@@ -104,7 +114,7 @@ def choose_variant(entry: ModelVersion, requested: str, on_cuda: bool) -> str:
     if requested == "auto":
         return "fp16" if on_cuda and entry.variant_path("fp16") else "fp32"
     if entry.variant_path(requested) is None:
-        present = [v for v in VARIANT_FILES if entry.variant_path(v)]
+        present = entry.variants_present()
         raise RuntimeStartError(f"model {entry.name} v{entry.version} has no {requested} variant (it has: {', '.join(present)}); "
                                 f"export it with vit-export --{requested}" if requested != "fp32" else f"{entry.path} has no model.onnx")
     return requested
@@ -135,8 +145,6 @@ def load_model(entry: ModelVersion, *, device: str, variant: str, intra_op_threa
         log.warning("CUDA provider is installed but did not load for %s: serving on CPU", entry.name)
         if variant == "auto" and chosen != "fp32":  # the fp16 graph was picked for a GPU that is not there
             chosen, session = "fp32", _session(entry, "fp32", [CPU], intra_op_threads, spin_us)
-    elif device == "auto" and not want_cuda:
-        log.warning("no CUDA provider in this onnxruntime: serving %s on CPU", entry.name)
     loaded = LoadedModel(entry, session, active, chosen)
     if active == CPU and solo_threads is not None and solo_threads > intra_op_threads:
         loaded.solo_session = _session(entry, chosen, [CPU], solo_threads, spin_us)
@@ -145,12 +153,4 @@ def load_model(entry: ModelVersion, *, device: str, variant: str, intra_op_threa
 
 def _session(entry: ModelVersion, variant: str, providers: list[str], intra_op_threads: int,
              spin_us: int | None) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    if spin_us is not None:  # after a run, a spinning thread takes a core from decoding and HTTP until it gives up
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_us else "0")
-        options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_us))
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(entry.variant_path(variant)), sess_options=options, providers=providers)
+    return open_session(entry.variant_path(variant), providers, intra_op_threads, spin_us)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def _index_list(value: Any) -> Any:
@@ -36,10 +36,19 @@ class EmbedParams(CommonParams):
 class ReconstructParams(CommonParams):
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0, description="share of patches hidden from the encoder")
     seed: int | None = Field(None, ge=0, description="makes the random mask reproducible")
-    visible: list[int] | None = Field(None, description="patch indices to keep visible (row-major); overrides mask_ratio")
-    masked: list[int] | None = Field(None, description="patch indices to hide; the rest stays visible")
+    visible: list[int] | None = Field(None, description="patch indices to keep visible (row-major); instead of mask_ratio")
+    masked: list[int] | None = Field(None, description="patch indices to hide, the rest stays visible; instead of mask_ratio")
 
     _lists = field_validator("visible", "masked", mode="before")(_index_list)
+
+    @model_validator(mode="after")
+    def _one_way_to_mask(self) -> ReconstructParams:
+        """An explicit patch set and a mask ratio contradict each other: refuse rather than silently pick one."""
+        chosen = [name for name in ("visible", "masked", "mask_ratio") if name in self.model_fields_set
+                  and getattr(self, name) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"give one of 'visible', 'masked' or 'mask_ratio', not {' and '.join(repr(c) for c in chosen)}")
+        return self
 
 
 class JsonImages(BaseModel):
@@ -85,7 +94,9 @@ class EmbedResponse(BaseModel):
 class ReconstructResult(BaseModel):
     masked_png: str = Field(description="base64 PNG: the input with masked patches grey")
     reconstruction_png: str = Field(description="base64 PNG: every patch as the decoder predicted it")
-    composite_png: str = Field(description="base64 PNG: visible patches from the input, masked ones reconstructed")
+    composite_png: str = Field(description="base64 PNG: visible patches from the input, masked ones reconstructed. All "
+                               "pictures are at the model's input size: the model sees only the centre crop of the "
+                               "upload, resized to that size, and has nothing to say about the pixels it never saw")
     mask: list[int] = Field(description="per patch, row-major: 1 = masked (reconstructed), 0 = visible")
     mse: float = Field(description="mean squared error over the masked patches, in the model's target space")
 

@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
+from modelrepo import ModelMetadata
 
 from .batching import MicroBatcher
 from .errors import NotFound, NotReady
 from .images import ImageLimits, ResizeSpec
 from .metrics import Metrics
-from .repository import find_models
-from .runtime import CPU, CUDA, LoadedModel, load_model, wants_cuda
+from .repository import ModelVersion, find_models
+from .runtime import CPU, CUDA, LoadedModel, cuda_available, load_model, wants_cuda
 from .settings import Settings
 
 log = logging.getLogger("vitserve")
@@ -22,38 +21,34 @@ log = logging.getLogger("vitserve")
 
 @dataclass
 class ServedModel:
+    """One model version as served: its session(s), its batcher and how its images are resized."""
     loaded: LoadedModel
     batcher: MicroBatcher
-    resize: ResizeSpec
     max_batch_size: int
 
     @property
-    def name(self) -> str:
-        return self.loaded.name
+    def entry(self) -> ModelVersion:
+        return self.loaded.entry
 
     @property
-    def metadata(self) -> dict:
-        return self.loaded.metadata
+    def name(self) -> str:
+        return self.entry.name
 
-    @functools.cached_property
-    def labels(self) -> list[str]:
-        """Class names (classifiers): the exported labels, else the indices as text."""
-        return self.metadata.get("labels") or [str(i) for i in range(self.metadata["num_classes"])]
+    @property
+    def version(self) -> int:
+        return self.entry.version
 
+    @property
+    def metadata(self) -> ModelMetadata:
+        return self.entry.metadata
 
-def run_batch_for(model: LoadedModel, alone: bool = False):
-    """The blocking batch function a model's batcher runs in its worker thread: stack, run, split per image.
-    `alone`: for batches that run while nothing else does (all cores)."""
+    @property
+    def resize(self) -> ResizeSpec:
+        return self.entry.resize
 
-    def run_batch(items: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-        feeds = {"images": np.stack([item["images"] for item in items])}
-        if "noise" in items[0]:
-            feeds["noise"] = np.stack([item["noise"] for item in items])
-            feeds["keep"] = np.asarray(items[0]["keep"], dtype=np.int64)  # one keep per batch: the batch key
-        outputs = model.run(feeds, alone=alone)
-        return [{name: value[i] for name, value in outputs.items()} for i in range(len(items))]
-
-    return run_batch
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.metadata.classification.labels
 
 
 @dataclass
@@ -80,6 +75,8 @@ class ServiceState:
         # Half the cores decode by default: with all of them, decoding fought onnxruntime for the CPU
         # (bench, ViT-Tiny c=16 on 2 cores: vitserve / raw ORT 0.79 with 2 decode threads, 0.86 with 1).
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads or max(1, settings.cores // 2), thread_name_prefix="decode")
+        if settings.device == "auto" and not cuda_available():  # said once, not once per model
+            log.info("no CUDA provider in this onnxruntime: serving on the CPU")
         problems: list[str] = []
         try:
             entries = find_models(settings.repo, settings.models or None, settings.pin_versions)
@@ -89,9 +86,10 @@ class ServiceState:
             return
         for entry in entries:
             try:
-                self.models[entry.name] = await asyncio.to_thread(self._start_model_sync, entry)
-                await self.models[entry.name].batcher.start()
-                loaded = self.models[entry.name].loaded
+                served = await asyncio.to_thread(self._start_model_sync, entry)
+                await served.batcher.start()
+                self.models[entry.name] = served
+                loaded = served.loaded
                 log.info("serving %s v%d (%s) on %s, variant %s, warm-up %.2fs", entry.name, entry.version, entry.task,
                          loaded.provider, loaded.variant, loaded.warmup_s)
             except Exception as error:  # noqa: BLE001
@@ -99,7 +97,7 @@ class ServiceState:
                 log.error("model %s failed to load: %s", entry.name, error)
         self.problems = problems
 
-    def _start_model_sync(self, entry) -> ServedModel:
+    def _start_model_sync(self, entry: ModelVersion) -> ServedModel:
         settings = self.settings
         instances = settings.instances_for(CUDA if wants_cuda(settings.device) else CPU)
         loaded = load_model(entry, device=settings.device, variant=settings.variant,
@@ -113,10 +111,11 @@ class ServiceState:
                      ", ".join(f"{b}: {t:.4f}" for b, t in per_image.items()))
         loaded.warm_up((1, max_batch))
         self.metrics.model_info.labels(entry.name, str(entry.version), entry.task, loaded.provider, loaded.variant).set(1)
-        batcher = MicroBatcher(run_batch_for(loaded), max_batch_size=max_batch, max_delay_ms=settings.max_delay_ms,
+        batcher = MicroBatcher(loaded.run_items, max_batch_size=max_batch, max_delay_ms=settings.max_delay_ms,
                                max_queue_images=settings.max_queue_images, observer=self.metrics.observer(entry.name),
-                               name=entry.name, instances=instances, run_alone=run_batch_for(loaded, alone=True))
-        return ServedModel(loaded, batcher, ResizeSpec.from_metadata(entry.metadata), max_batch)
+                               name=entry.name, instances=instances,
+                               run_alone=lambda items: loaded.run_items(items, alone=True))
+        return ServedModel(loaded, batcher, max_batch)
 
     async def drain(self) -> None:
         """Stop admitting, finish what was accepted (bounded by the drain timeout), release the threads."""
@@ -128,13 +127,13 @@ class ServiceState:
     def model_for(self, task: str, name: str | None) -> ServedModel:
         if self.draining:
             raise NotReady("the server is shutting down")
-        candidates = sorted((m for m in self.models.values() if m.metadata["task"] == task), key=lambda m: m.name)
+        candidates = sorted((m for m in self.models.values() if m.metadata.task == task), key=lambda m: m.name)
         if name is not None:
             for model in candidates:
                 if model.name == name:
                     return model
             other = self.models.get(name)
-            hint = f"; {name} is a {other.metadata['task']} model" if other else ""
+            hint = f"; {name} serves the {other.metadata.task} task" if other else ""
             raise NotFound(f"no {task} model named {name!r}{hint} (available: {', '.join(m.name for m in candidates) or 'none'})")
         if not candidates:
             if self.problems:

@@ -7,12 +7,12 @@ import torch
 from export import parity
 from export.cli import main
 from export.onnx_export import ort_session
-from export.repository import versions
 from model.checkpoints import save_checkpoint
 from model.data import SYNTHETIC_MEAN, SYNTHETIC_STD, make_synthetic
 from model.mae import MaskedAutoencoder
 from model.presets import mae_preset, vit_preset
 from model.vit import VisionTransformer
+from modelrepo import versions
 
 LABELS = ["circle", "square", "triangle", "cross", "bar_top", "bar_bottom"]
 
@@ -42,7 +42,7 @@ def test_classifier_export_writes_a_loadable_version_with_complete_metadata(tmp_
     repo = tmp_path / "repo"
     assert main(["--checkpoint", str(classifier_ckpt), "--repo", str(repo), "--int8"]) == 0
     meta = metadata(repo, "classifier", 1)  # the name comes from the checkpoint's folder
-    assert meta["task"] == "classify" and meta["version"] == 1 and meta["labels"] == LABELS
+    assert meta["task"] == "classify" and "version" not in meta and meta["labels"] == LABELS
     assert meta["image"]["size"] == [16, 16] and meta["image"]["layout"] == "NHWC" and meta["image"]["dtype"] == "uint8"
     assert meta["normalization"]["in_graph"] and meta["normalization"]["mean"] == list(SYNTHETIC_MEAN)
     assert meta["grid"] == [4, 4] and meta["patch_size"] == 4
@@ -60,7 +60,7 @@ def test_a_second_export_of_the_same_name_gets_the_next_version(tmp_path, classi
     for _ in range(2):
         assert main(["--checkpoint", str(classifier_ckpt), "--repo", str(repo), "--name", "shapes"]) == 0
     assert versions(repo, "shapes") == [1, 2]
-    assert metadata(repo, "shapes", 2)["version"] == 2
+    assert metadata(repo, "shapes", 2)["name"] == "shapes"
 
 
 def test_mae_export_gives_an_embedder_and_a_reconstructor(tmp_path, mae_ckpt):

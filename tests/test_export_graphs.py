@@ -15,10 +15,11 @@ from export.graphs import (
     EmbedderGraph,
     Normalise,
     ReconstructorGraph,
-    graph_info,
     visible_set_inputs,
 )
-from export.onnx_export import ExportError, export_onnx, fold_external_data, ort_session
+from export.errors import ExportError
+from export.metadata import task_section
+from export.onnx_export import export_onnx, fold_external_data, ort_session
 from export.parity import FP32_TOLERANCE, ParityError, check_parity, parity_inputs
 from export.variants import check_variant, compare_variant, convert_fp16, quantize_int8
 from model.data import SYNTHETIC_MEAN, SYNTHETIC_STD, make_synthetic
@@ -26,6 +27,7 @@ from model.mae import MaskedAutoencoder
 from model.presets import mae_preset, vit_preset
 from model.transforms import eval_transform
 from model.vit import VisionTransformer
+from modelrepo import Embedding
 
 MEAN, STD = SYNTHETIC_MEAN, SYNTHETIC_STD
 SIZE = 16  # the vit-test / mae-test input size; 4x4 patches, L = 16
@@ -97,8 +99,7 @@ def test_embedder_onnx_matches_torch_and_names_its_pooling(embedder, real_images
     graph, path = embedder
     report = check_parity(graph, path, parity_inputs(graph, real_images=real_images, batch_sizes=(1, 3, 5)), {})
     assert report["batch_sizes"] == [1, 3, 5] and report["embedding"] <= FP32_TOLERANCE
-    info = graph_info(graph)
-    assert info["pooling"] == "gap" and info["embedding_dim"] == 32 and info["normalized"] is False
+    assert task_section(graph, None) == {"embedding": Embedding(32, "gap")}
 
 
 def test_graphs_take_uint8_nhwc_and_normalise_like_training(classifier, embedder, real_images):
@@ -137,21 +138,21 @@ def test_batch_axis_is_dynamic_on_every_graph(classifier, embedder, reconstructo
         assert [value.shape[0] for value in out.values()] == [batch] * 4
 
 
-def test_graph_info_matches_the_onnx_file(classifier, reconstructor):
+def test_the_tensor_specs_written_to_the_metadata_match_the_onnx_file(classifier, reconstructor):
     for graph, path in (classifier, reconstructor[:2]):
-        info = graph_info(graph)
         session = ort_session(path)
         onnx_types = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(int64)": "int64"}
-        for described, actual in ((info["inputs"], session.get_inputs()), (info["outputs"], session.get_outputs())):
-            assert [item["name"] for item in described] == [item.name for item in actual]
-            for item, onnx_item in zip(described, actual):
-                assert item["dtype"] == onnx_types[onnx_item.type]
-                assert len(item["shape"]) == len(onnx_item.shape)
-                for size, onnx_size in zip(item["shape"], onnx_item.shape):
-                    assert (size == -1) == isinstance(onnx_size, str), (item, onnx_item.shape)
+        for described, actual in ((graph.input_specs, session.get_inputs()), (graph.output_specs, session.get_outputs())):
+            assert [spec.name for spec in described] == [item.name for item in actual]
+            for spec, onnx_item in zip(described, actual):
+                assert spec.dtype == onnx_types[onnx_item.type]
+                assert len(spec.shape) == len(onnx_item.shape)
+                for size, onnx_size in zip(spec.shape, onnx_item.shape):
+                    assert (size == -1) == isinstance(onnx_size, str), (spec, onnx_item.shape)
                     assert size == -1 or size == onnx_size
-    info = graph_info(reconstructor[0])
-    assert info["task"] == "reconstruct" and info["default_keep"] == 4 and info["num_patches"] == 16
+    graph = reconstructor[0]
+    assert graph.task == "reconstruct" and graph.default_keep == 4 and graph.num_patches == 16
+    assert task_section(graph, None)["reconstruction"].patch_dim == 4 * 4 * 3
 
 
 # --- reconstructor: masking through (noise, keep) ---------------------------------------------------

@@ -1,27 +1,102 @@
+"""The model repository format (`modelrepo`): versions, staging, typed metadata and its format versions, Triton's config."""
 import json
 
 import pytest
 
-from export.repository import (
-    METADATA_FILE, RepositoryError, check_repository, staged_version, triton_config, versions, write_json,
+from modelrepo import (
+    FORMAT_VERSION, InvalidMetadata, ModelMetadata, RepositoryError, UnsupportedFormat, check_repository, read_metadata,
+    staged_version, versions, write_metadata,
 )
+from modelrepo.layout import write_atomically
+from modelrepo.metadata import Classification, ImageInput, Normalization, Reconstruction, TensorSpec
+from modelrepo.names import METADATA_FILE
+from modelrepo.triton import triton_config
 
-IMAGES = {"name": "images", "dtype": "uint8", "shape": [-1, 32, 32, 3]}
-LOGITS = {"name": "logits", "dtype": "float32", "shape": [-1, 6]}
+IMAGES = TensorSpec("images", "uint8", (-1, 32, 32, 3))
+LOGITS = TensorSpec("logits", "float32", (-1, 6))
+LABELS = ("circle", "square", "triangle", "cross", "ring", "bar")
+
+
+def classifier_metadata(name="demo") -> ModelMetadata:
+    return ModelMetadata(name=name, task="classify", inputs=(IMAGES,), outputs=(LOGITS,), image=ImageInput(32, 32),
+                         normalization=Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), patch_size=4, grid=(8, 8),
+                         classification=Classification(LABELS))
 
 
 def export_fake(repo, name, payload="x"):
     with staged_version(repo, name) as staged:
         (staged.path / "model.onnx").write_text(payload)
-        write_json(staged.path / METADATA_FILE, {"name": name, "version": None})
+        write_metadata(staged.path, classifier_metadata(name))
     return staged.version
 
 
-def test_versions_count_up_and_metadata_records_its_version(tmp_path):
+def test_versions_count_up_and_the_directory_alone_names_the_version(tmp_path):
     assert export_fake(tmp_path, "demo") == 1
     assert export_fake(tmp_path, "demo") == 2
     assert versions(tmp_path, "demo") == [1, 2]
-    assert json.loads((tmp_path / "demo" / "2" / METADATA_FILE).read_text())["version"] == 2
+    stored = json.loads((tmp_path / "demo" / "2" / METADATA_FILE).read_text())
+    assert "version" not in stored and stored["format_version"] == FORMAT_VERSION
+
+
+def test_metadata_survives_a_round_trip_through_json(tmp_path):
+    export_fake(tmp_path, "demo")
+    read = read_metadata(tmp_path / "demo" / "1")
+    assert read == classifier_metadata()
+    assert read.classification.labels == LABELS and read.num_patches == 64 and read.input_names == ("images",)
+
+
+# What the previous vit-export wrote (format 1): the version number inside, labels and sizes at the top level.
+LEGACY_RECONSTRUCTOR = {
+    "format": "vitserve-model", "format_version": 1, "name": "demo-mae-reconstruct", "version": 3, "task": "reconstruct",
+    "inputs": [{"name": "images", "dtype": "uint8", "shape": [-1, 32, 32, 3]}, {"name": "noise", "dtype": "float32", "shape": [-1, 64]},
+               {"name": "keep", "dtype": "int64", "shape": []}],
+    "outputs": [{"name": "patches", "dtype": "float32", "shape": [-1, 64, 48]}, {"name": "mask", "dtype": "float32", "shape": [-1, 64]},
+                {"name": "loss", "dtype": "float32", "shape": [-1]}, {"name": "reconstruction", "dtype": "uint8", "shape": [-1, 32, 32, 3]}],
+    "image": {"size": [32, 32], "layout": "NHWC", "dtype": "uint8", "color": "RGB",
+              "resize": {"interpolation": "bicubic", "crop_fraction": 0.875}},
+    "normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "in_graph": True},
+    "patch_size": 4, "grid": [8, 8], "num_patches": 64, "labels": None, "num_classes": None, "embedding": None,
+    "reconstruction": {"default_mask_ratio": 0.75, "norm_pix_loss": False, "patch_dim": 48},
+    "variants": {"fp32": {"file": "model.onnx", "tolerance": 0.0001, "max_abs_diff_vs_torch": {"patches": 1e-6}}},
+    "source": {"checkpoint": "runs/demo-mae/checkpoint.pt", "sha256": "ab", "format": "vitserve", "step": 10},
+    "exporter": {"opset": 23}, "created": "2026-11-01T00:00:00+00:00",
+}
+
+
+def test_a_repository_written_by_the_previous_exporter_still_reads(tmp_path):
+    version_dir = tmp_path / "demo-mae-reconstruct" / "3"
+    version_dir.mkdir(parents=True)
+    (version_dir / METADATA_FILE).write_text(json.dumps(LEGACY_RECONSTRUCTOR))
+    meta = read_metadata(version_dir)
+    assert meta.task == "reconstruct" and meta.reconstruction == Reconstruction(0.75, False, 48)
+    assert meta.default_keep == 16 and meta.image.size == (32, 32) and meta.variants["fp32"].file == "model.onnx"
+    legacy_without_marker = {k: v for k, v in LEGACY_RECONSTRUCTOR.items() if k != "format_version"}
+    assert ModelMetadata.from_json(legacy_without_marker).task == "reconstruct"  # no format_version: format 1
+
+
+def test_a_newer_or_unknown_format_is_refused_with_the_reason(tmp_path):
+    newer = {**classifier_metadata().to_json(), "format_version": FORMAT_VERSION + 1}
+    with pytest.raises(UnsupportedFormat, match="newer vit-export.*upgrade vitserve"):
+        ModelMetadata.from_json(newer)
+    with pytest.raises(UnsupportedFormat, match="not vitserve model metadata"):
+        ModelMetadata.from_json({"format": "something-else"})
+    with pytest.raises(UnsupportedFormat, match="unknown metadata format_version"):
+        ModelMetadata.from_json({**newer, "format_version": "two"})
+
+
+def test_incomplete_metadata_names_what_is_missing(tmp_path):
+    broken = classifier_metadata().to_json()
+    del broken["grid"]
+    with pytest.raises(InvalidMetadata, match="grid"):
+        ModelMetadata.from_json(broken)
+    with pytest.raises(InvalidMetadata, match="lacks its classify section"):
+        ModelMetadata(**{**vars(classifier_metadata()), "classification": None})
+    (tmp_path / "1").mkdir()
+    write_atomically(tmp_path / "1" / METADATA_FILE, "{not json")
+    with pytest.raises(InvalidMetadata, match="vitserve.json: not JSON"):
+        read_metadata(tmp_path / "1")
+    with pytest.raises(InvalidMetadata, match="cannot read"):
+        read_metadata(tmp_path / "absent")
 
 
 def test_a_failed_export_leaves_no_version_and_no_staging_directory(tmp_path):
@@ -59,7 +134,7 @@ def test_triton_config_is_valid_text_format_with_batching():
 
 
 def test_scalar_inputs_disable_triton_batching_and_use_the_scalar_reshape():
-    keep = {"name": "keep", "dtype": "int64", "shape": []}
+    keep = TensorSpec("keep", "int64", ())
     text = triton_config("rec", [IMAGES, keep], [LOGITS], max_batch_size=8)
     assert "max_batch_size: 0" in text and "dynamic_batching" not in text
     assert "dims: [ -1, 32, 32, 3 ]" in text and "reshape: { shape: [ ] }" in text

@@ -122,7 +122,7 @@ def test_probes_and_model_listing(client, server):
     assert httpx.get(f"{server.url}/readyz").json()["status"] == "ready"  # probes need no key
     listing = {m["name"]: m for m in client.get("/models").json()["models"]}
     assert set(listing) == {"shapes", "mae-embed", "mae-reconstruct"}
-    assert listing["shapes"]["task"] == "classify" and listing["shapes"]["labels"] == 6
+    assert listing["shapes"]["task"] == "classify" and listing["shapes"]["labels"] == ["circle", "square", "triangle", "cross", "bar_top", "bar_bottom"]
     assert listing["shapes"]["provider"] == "CPUExecutionProvider" and listing["shapes"]["variant"] == "fp32"
     assert listing["shapes"]["batching"]["max_batch_size"] == 8
     assert listing["shapes"]["batching"]["instances"] == (2 if len(os.sched_getaffinity(0)) >= 2 else 1)
@@ -251,7 +251,7 @@ def test_bad_reconstruct_parameters_are_422(client, data, kind):
 
 def test_a_model_of_another_task_is_not_found(client):
     error = assert_error(client.post("/classify", files=files(shapes(1)), params={"model": "mae-embed"}), 404, "not_found")
-    assert "embed model" in error["message"]
+    assert "mae-embed serves the embed task" in error["message"]
 
 
 def test_an_oversized_body_is_refused_with_413(client):

@@ -1,0 +1,19 @@
+"""Names fixed by the repository format: files, tasks, and the graphs' tensor names."""
+from __future__ import annotations
+
+from typing import Literal
+
+METADATA_FILE = "vitserve.json"
+METADATA_FORMAT = "vitserve-model"  # the "format" marker that tells our metadata from any other JSON
+TRITON_CONFIG_FILE = "config.pbtxt"
+STAGING_PREFIX = ".staging-"  # a version being written; readers skip it
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+
+Task = Literal["classify", "embed", "reconstruct"]
+TASKS: tuple[Task, ...] = ("classify", "embed", "reconstruct")
+
+# Tensor names, in the ONNX graphs and in the metadata.
+IMAGES, NOISE, KEEP = "images", "noise", "keep"
+LOGITS, EMBEDDING = "logits", "embedding"
+PATCHES, MASK, LOSS, RECONSTRUCTION = "patches", "mask", "loss", "reconstruction"
+BATCH = -1  # the dynamic batch axis in a tensor's shape

@@ -1,0 +1,56 @@
+"""The request path of a task endpoint, top-down: route -> task handler -> batcher -> runtime -> task handler -> response."""
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import Response
+
+from .images import decode_base64_image, prepare_image
+from .request_parsing import read_request
+from .state import ServedModel, ServiceState
+from .tasks import TaskHandler
+from .tasks.base import Item
+
+
+async def serve_task(request: Request, state: ServiceState, handler: TaskHandler) -> Response:
+    images, params = await read_request(request, state.settings.max_images_per_request, handler.params_type)
+    media_type = handler.media_type(request.headers.get("accept", ""), len(images))
+    model = state.model_for(handler.task, params.model)
+    pixels = await prepare_images(state, model, images)
+    work = handler.batch_work(pixels, params, model)
+    outputs = await infer(request, state, model, work.items, params.timeout_ms, work.batch_key)
+    if handler.respond_off_loop:
+        return await asyncio.get_running_loop().run_in_executor(
+            state.decode_pool, handler.respond, model, params, pixels, outputs, media_type)
+    return handler.respond(model, params, pixels, outputs, media_type)
+
+
+async def prepare_images(state: ServiceState, model: ServedModel, images: list[bytes | str]) -> list[np.ndarray]:
+    """Decode and resize every image in the decode threads; the lowest-index failure is reported and nothing is inferred.
+
+    Refuses at once, before any decoding, when the model's queue cannot take this many images now."""
+    model.batcher.check_capacity(len(images))
+    loop = asyncio.get_running_loop()
+    jobs = [loop.run_in_executor(state.decode_pool, functools.partial(_decode_and_prepare, data, model, state, i))
+            for i, data in enumerate(images)]
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
+
+
+def _decode_and_prepare(data: bytes | str, model: ServedModel, state: ServiceState, index: int) -> np.ndarray:
+    raw = decode_base64_image(data, index=index) if isinstance(data, str) else data
+    return prepare_image(raw, model.resize, state.limits, index=index)
+
+
+async def infer(request: Request, state: ServiceState, model: ServedModel, items: list[Item], timeout_ms: int | None,
+                batch_key=None) -> list[Item]:
+    """Queue the items on the model's batcher under the request's deadline (counted from its arrival)."""
+    budget_ms = min(timeout_ms or state.settings.timeout_ms, state.settings.timeout_ms)
+    deadline = request.scope["state"]["arrived"] + budget_ms / 1000
+    return await model.batcher.submit(items, deadline=deadline, is_disconnected=request.is_disconnected, batch_key=batch_key)
