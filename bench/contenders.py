@@ -102,9 +102,9 @@ class RawOrt:
         self.info: dict = {}
 
     def start(self) -> None:
-        metadata = self.model.metadata
-        self.pixels = preprocess(self.jpegs, metadata)
-        decode_ms = _decode_cpu_ms(self.jpegs, metadata, seconds=self.sweep_s)
+        entry = self.model.entry
+        self.pixels = preprocess(self.jpegs, entry)
+        decode_ms = _decode_cpu_ms(self.jpegs, entry, seconds=self.sweep_s)
         path = self.model.onnx_path(self.variant)
         self.sessions = {1: service_session(path, device=self.device)}  # runners -> session
         if cores() > 1 and self.device == "cpu":  # on a GPU one runner keeps it busy
@@ -174,11 +174,11 @@ class RawOrt:
         self.sessions = {}
 
 
-def _decode_cpu_ms(jpegs: list[bytes], metadata: dict, seconds: float) -> float:
+def _decode_cpu_ms(jpegs: list[bytes], entry, seconds: float) -> float:
     """CPU time of the service's decode + resize per image, on one thread."""
     count, started, deadline = 0, time.thread_time(), time.perf_counter() + seconds
     while count < len(jpegs) or time.perf_counter() < deadline:
-        preprocess([jpegs[count % len(jpegs)]], metadata)
+        preprocess([jpegs[count % len(jpegs)]], entry)
         count += 1
     return (time.thread_time() - started) / count * 1e3
 

@@ -8,14 +8,15 @@ so the comparison with vit-serve is of the serving machinery, not of the image c
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import litserve as ls
 import numpy as np
 
-from service.images import ImageLimits, ResizeSpec, prepare_image
-from service.repository import METADATA_FILE, VARIANT_FILES
+from modelrepo import read_metadata
+from modelrepo.names import VARIANT_FILES
+from service.images import ImageLimits, prepare_image
+from service.repository import ModelVersion
 
 from .workload import service_session
 
@@ -26,11 +27,11 @@ class OnnxClassifierAPI(ls.LitAPI):
         self.model_dir, self.variant, self.top_k, self.device = model_dir, variant, top_k, device
 
     def setup(self, device) -> None:
-        metadata = json.loads((self.model_dir / METADATA_FILE).read_text())
+        entry = ModelVersion(self.model_dir.parent.name, int(self.model_dir.name), self.model_dir, read_metadata(self.model_dir))
         self.session = service_session(self.model_dir / VARIANT_FILES[self.variant], device=self.device)
         self.input_name = self.session.get_inputs()[0].name
-        self.spec, self.limits = ResizeSpec.from_metadata(metadata), ImageLimits()
-        self.labels = metadata.get("labels") or [str(i) for i in range(metadata["num_classes"])]
+        self.spec, self.limits = entry.resize, ImageLimits()
+        self.labels = entry.metadata.classification.labels
         self.session.run(None, {self.input_name: np.zeros((1, *self.spec.size, 3), np.uint8)})  # warm up
 
     def decode_request(self, request) -> np.ndarray:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,8 +15,11 @@ import numpy as np
 import onnxruntime
 from PIL import Image
 
-from service.images import ImageLimits, ResizeSpec, prepare_image
-from service.repository import METADATA_FILE, VARIANT_FILES, find_models
+from modelrepo import ModelMetadata, read_metadata
+from modelrepo.names import VARIANT_FILES
+from modelrepo.session import open_session, usable_cores
+from service.images import ImageLimits, prepare_image
+from service.repository import ModelVersion, find_models
 
 NUM_CLASSES = 1000
 JPEG_SIZE = (320, 240)  # (width, height) of the request images
@@ -35,15 +37,19 @@ class BuiltModel:
     version_dir: Path
 
     @property
-    def metadata(self) -> dict:
-        return json.loads((self.version_dir / METADATA_FILE).read_text())
+    def metadata(self) -> ModelMetadata:
+        return read_metadata(self.version_dir)
+
+    @property
+    def entry(self) -> ModelVersion:
+        return ModelVersion(self.version_dir.parent.name, int(self.version_dir.name), self.version_dir, self.metadata)
 
     def onnx_path(self, variant: str) -> Path:
         return self.version_dir / VARIANT_FILES[variant]
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores()
 
 
 def build_model(preset: str, cache: Path, log=print, fp16: bool = False) -> BuiltModel:
@@ -96,9 +102,9 @@ def make_jpegs(count: int = 16, seed: int = 0) -> list[bytes]:
     return jpegs
 
 
-def preprocess(jpegs: list[bytes], metadata: dict) -> np.ndarray:
+def preprocess(jpegs: list[bytes], entry: ModelVersion) -> np.ndarray:
     """uint8 (N, H, W, 3): the service's own decode and resize (service.images.prepare_image)."""
-    spec, limits = ResizeSpec.from_metadata(metadata), ImageLimits()
+    spec, limits = entry.resize, ImageLimits()
     return np.stack([prepare_image(data, spec, limits) for data in jpegs])
 
 
@@ -110,15 +116,10 @@ def cuda_available() -> bool:
 
 
 def service_session(path: Path, threads: int | None = None, device: str = "cpu") -> onnxruntime.InferenceSession:
-    """The session options of service/runtime.py: intra-op threads = cores, sequential, one inter-op thread; on
-    `device="cuda"` the CUDA provider, which must really load (no silent CPU fallback in a GPU benchmark)."""
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads or cores()
-    options.inter_op_num_threads = 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
+    """A session opened as the service opens it (modelrepo.session); on `device="cuda"` the CUDA provider, which
+    must really load (no silent CPU fallback in a GPU benchmark)."""
     providers = [CUDA, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
+    session = open_session(path, providers, threads)
     if device == "cuda" and session.get_providers()[0] != CUDA:
         raise RuntimeError(f"the CUDA provider did not load for {path} (check the CUDA and cuDNN libraries)")
     return session
