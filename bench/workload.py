@@ -64,7 +64,7 @@ def build_model(preset: str, cache: Path, log=print, fp16: bool = False) -> Buil
         _export_random_classifier(preset, checkpoint, repo, fp16)
         done.write_text(json.dumps({"preset": preset, "export_s": round(time.perf_counter() - started, 1)}) + "\n")
         log(f"{preset}: built and exported in {time.perf_counter() - started:.0f} s -> {repo}")
-    [entry] = find_models(repo)
+    [entry], _ = find_models(repo)
     return BuiltModel(preset, checkpoint, repo, entry.path)
 
 

@@ -34,8 +34,17 @@ class ModelVersion:
         return [variant for variant in VARIANT_FILES if self.variant_path(variant)]
 
 
-def find_models(repo: Path, names: list[str] | None = None, pins: dict[str, int] | None = None) -> list[ModelVersion]:
-    """The version to serve of each model (latest unless pinned), sorted by name."""
+@dataclass(frozen=True)
+class Unservable:
+    """A model whose version to serve cannot be read (bad metadata, an unknown format): reported, not served."""
+    name: str
+    reason: str
+
+
+def find_models(repo: Path, names: list[str] | None = None,
+                pins: dict[str, int] | None = None) -> tuple[list[ModelVersion], list[Unservable]]:
+    """The version to serve of each model (latest unless pinned), sorted by name, and the models that cannot be
+    served with the reason. A repository-wide problem (no such models, no models at all) raises RepositoryError."""
     pins = pins or {}
     available = model_names(repo)
     wanted = names or available
@@ -47,7 +56,13 @@ def find_models(repo: Path, names: list[str] | None = None, pins: dict[str, int]
     unknown_pins = set(pins) - set(wanted)
     if unknown_pins:
         raise RepositoryError(f"pinned version for unknown model(s): {', '.join(sorted(unknown_pins))}")
-    return [version_to_serve(repo, name, pins.get(name)) for name in wanted]
+    found, unservable = [], []
+    for name in wanted:
+        try:
+            found.append(version_to_serve(repo, name, pins.get(name)))
+        except RepositoryError as error:
+            unservable.append(Unservable(name, str(error)))
+    return found, unservable
 
 
 def version_to_serve(repo: Path, name: str, pinned: int | None) -> ModelVersion:

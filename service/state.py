@@ -77,13 +77,15 @@ class ServiceState:
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads or max(1, settings.cores // 2), thread_name_prefix="decode")
         if settings.device == "auto" and not cuda_available():  # said once, not once per model
             log.info("no CUDA provider in this onnxruntime: serving on the CPU")
-        problems: list[str] = []
         try:
-            entries = find_models(settings.repo, settings.models or None, settings.pin_versions)
+            entries, unservable = find_models(settings.repo, settings.models or None, settings.pin_versions)
         except Exception as error:  # noqa: BLE001 - any repository problem becomes a readiness reason
             self.problems = [str(error)]
             log.error("cannot serve the repository: %s", error)
             return
+        problems = [f"model {bad.name} cannot be served: {bad.reason}" for bad in unservable]
+        for problem in problems:
+            log.error("%s", problem)
         for entry in entries:
             try:
                 served = await asyncio.to_thread(self._start_model_sync, entry)

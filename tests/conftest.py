@@ -12,3 +12,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def serving_repo(tmp_path_factory):
+    """The end-to-end tests' model repository, exported once per test session."""
+    from serving_harness import build_serving_repo
+
+    return build_serving_repo(tmp_path_factory.mktemp("serving"))

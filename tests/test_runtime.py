@@ -21,7 +21,7 @@ def entry(tmp_path_factory):
     torch.manual_seed(0)
     save_checkpoint(root / "checkpoint.pt", VisionTransformer(vit_preset("vit-test", num_classes=6)))
     export_checkpoint(ExportRequest(checkpoint=root / "checkpoint.pt", repo=root / "repo", name="shapes"))
-    [found] = find_models(root / "repo")
+    [found], _ = find_models(root / "repo")
     return found
 
 

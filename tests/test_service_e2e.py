@@ -6,7 +6,6 @@ import concurrent.futures
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,70 +14,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from export.pipeline import ExportRequest, export_checkpoint
-from model.checkpoints import save_checkpoint
-from model.data import SYNTHETIC_CLASSES, SYNTHETIC_MEAN, SYNTHETIC_STD, make_synthetic
-from model.mae import MaskedAutoencoder
-from model.presets import mae_preset, vit_preset
-from model.vit import VisionTransformer
-
-API_KEY = "test-secret-key"
-VIT_SERVE = str(Path(sys.executable).with_name("vit-serve"))
+from model.data import SYNTHETIC_CLASSES, make_synthetic
+from serving_harness import API_KEY, VIT_SERVE, Server, assert_error, files, png_bytes, shapes
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A small repository: a vit-test classifier and an mae-test embedder + reconstructor (16x16, patch 4)."""
-    root = tmp_path_factory.mktemp("serving")
-    torch.manual_seed(0)
-    save_checkpoint(root / "cls" / "checkpoint.pt", VisionTransformer(vit_preset("vit-test", num_classes=6)),
-                    labels=SYNTHETIC_CLASSES, mean=SYNTHETIC_MEAN, std=SYNTHETIC_STD)
-    save_checkpoint(root / "mae" / "checkpoint.pt", MaskedAutoencoder(mae_preset("mae-test")), mean=SYNTHETIC_MEAN, std=SYNTHETIC_STD)
-    repository = root / "repo"
-    export_checkpoint(ExportRequest(checkpoint=root / "cls" / "checkpoint.pt", repo=repository, name="shapes", int8=True))
-    export_checkpoint(ExportRequest(checkpoint=root / "mae" / "checkpoint.pt", repo=repository, name="mae"))
-    return repository
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    def __init__(self, repo: Path, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        environment = {**os.environ, "VITSERVE_INTRA_OP_THREADS": "1", "VITSERVE_DECODE_THREADS": "2",
-                       **{f"VITSERVE_{k.upper()}": v for k, v in env.items()}}
-        self.process = subprocess.Popen([VIT_SERVE, "--repo", str(repo), "--port", str(self.port)], env=environment,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.wait_ready()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vit-serve exited: {self.process.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("vit-serve did not become ready")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        finally:
-            self.process.stdout.close()
+def repo(serving_repo) -> Path:
+    return serving_repo
 
 
 @pytest.fixture(scope="module")
@@ -93,27 +37,6 @@ def client(server):
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30) as http:
         yield http
     assert httpx.get(f"{server.url}/healthz").status_code == 200  # the server survives every test
-
-
-def png_bytes(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def shapes(n: int, size: int = 16, seed: int = 5) -> list[bytes]:
-    return [png_bytes(img) for img in make_synthetic(n, size, seed=seed)[0]]
-
-
-def files(images: list[bytes]) -> list:
-    return [("file", (f"img{i}.png", data, "image/png")) for i, data in enumerate(images)]
-
-
-def assert_error(response: httpx.Response, status: int, kind: str) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["error"]["type"] == kind and body["error"]["message"]
-    return body["error"]
 
 
 # --- the happy paths ---------------------------------------------------------------------------------------
