@@ -17,6 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install "torch==2.13.0"
 	$(BIN)/python -m pip install -e ".[train,export,serve,dev,reference,bench]"
+	$(BIN)/python -m pip install --no-deps "timm==1.0.31"  # reference for the importer tests; its torchvision does not load beside this torch
 	touch $@
 
 install: venv

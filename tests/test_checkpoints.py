@@ -1,18 +1,23 @@
 """Checkpoints: our format round-trips exactly; imported timm / official MAE / Hugging Face
 weights give the outputs of the original implementation; bad inputs fail with a named problem.
 
-timm cannot be installed everywhere, so the timm and official-MAE parity checks compare
-against a small functional forward written here directly against their key layout
-(conv patch embedding, fused qkv attention, ...), independent of our model code.
+Most timm and official-MAE parity checks compare against a small functional forward written
+here directly against their key layout (conv patch embedding, fused qkv attention, ...),
+independent of our model code. Real timm models are checked too: `make venv` installs timm
+without its dependencies, and a stand-in for the torchvision names it imports
+(tests/torchvision_standin.py) lets it import where torchvision cannot.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision_standin import standin_modules
 
 from model.checkpoints import (
     IMAGENET_MEAN,
@@ -57,6 +62,19 @@ def _block(gen, prefix, dim, hidden, qkv_bias=True):
         **_linear(gen, hidden, dim, True, f"{prefix}.mlp.fc1"),
         **_linear(gen, dim, hidden, True, f"{prefix}.mlp.fc2"),
     }
+
+
+def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights at default-init scale, so every parameter (and its layout) matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen))
+            elif param.ndim >= 2 and "embed" not in name.split(".")[-1] and "token" not in name:
+                param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(param[0].numel()))
+            else:
+                param.copy_(0.5 * torch.randn(param.shape, generator=gen))
 
 
 def timm_state(dim=32, depth=2, patch=4, grid=(4, 4), in_chans=3, mlp_ratio=2, num_classes=5,
@@ -301,17 +319,63 @@ def test_weights_reveal_the_architecture_and_the_width_gives_standard_heads(tmp_
     assert (config.num_heads, config.image_size, config.num_classes, config.norm_eps) == (3, (16, 16), 7, 1e-6)
 
 
-def test_real_timm_models_match(tmp_path):
-    timm = pytest.importorskip("timm")
-    for kwargs in (dict(global_pool="token"), dict(global_pool="avg"), dict(global_pool="avg", class_token=False),
-                   dict(global_pool="token", no_embed_class=True)):
-        reference = timm.models.vision_transformer.VisionTransformer(
-            img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=5, **kwargs).eval()
-        torch.save(reference.state_dict(), tmp_path / "timm.pth")
-        model = import_checkpoint(tmp_path / "timm.pth", num_heads=2)
-        images = torch.randn(2, 3, 16, 16)
-        with torch.no_grad():
-            assert max_diff(model(images), reference(images)) < TOL, kwargs
+@pytest.fixture(scope="module")
+def timm():
+    """Real timm: imported with torchvision where it loads, else with the stand-in in sys.modules for the import only
+    (other libraries probe for torchvision, and must not find the stand-in); timm is unloaded after this module."""
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed; `make venv` installs it (pip install --no-deps, see the Makefile)")
+    before = set(sys.modules)
+    with pytest.MonkeyPatch.context() as patch:
+        try:
+            import torchvision  # noqa: F401
+        except Exception:  # noqa: BLE001 - absent, or a PyPI build that does not load beside this torch (any error)
+            for name, module in standin_modules().items():
+                patch.setitem(sys.modules, name, module)
+        import timm as real_timm
+    yield real_timm
+    for name in set(sys.modules) - before:  # nothing imported against the stand-in outlives this module
+        if name == "timm" or name.startswith("timm."):
+            del sys.modules[name]
+
+
+def save_safetensors(state, path):
+    pytest.importorskip("safetensors.torch").save_file(state, path)
+
+
+def save_timm_train_checkpoint(state, path):
+    """What timm's train.py (CheckpointSaver) writes: the weights under `state_dict`, beside plain metadata."""
+    torch.save({"epoch": 3, "arch": "visiontransformer", "state_dict": state, "version": 2, "metric": 0.5}, path)
+
+
+# name, timm.create_model arguments, how the checkpoint is saved, our overrides
+REAL_TIMM_CASES = {
+    "tiny-224-token": ("vit_tiny_patch16_224", dict(), "pytorch_model.bin", dict()),
+    "small-avg-fc-norm": ("vit_small_patch16_224", dict(global_pool="avg", img_size=64), "model.safetensors", dict()),
+    "tiny-no-embed-class": ("vit_tiny_patch16_224", dict(no_embed_class=True, img_size=48), "checkpoint-3.pth.tar", dict()),
+    "small-no-class-token-wide": (
+        "vit_small_patch16_224", dict(class_token=False, global_pool="avg", img_size=(32, 64)), "pytorch_model.bin",
+        dict(image_size=(32, 64))),
+    "tiny-features-only": ("vit_tiny_patch16_224", dict(num_classes=0, img_size=32), "model.safetensors", dict()),
+}
+SAVERS = {"pytorch_model.bin": lambda state, path: torch.save(state, path), "model.safetensors": save_safetensors,
+          "checkpoint-3.pth.tar": save_timm_train_checkpoint}
+
+
+@pytest.mark.parametrize("case", REAL_TIMM_CASES, ids=list(REAL_TIMM_CASES))
+def test_real_timm_models_match(tmp_path, timm, case):
+    name, kwargs, file_name, overrides = REAL_TIMM_CASES[case]
+    reference = timm.create_model(name, pretrained=False, **kwargs).eval()
+    _randomize(reference)  # timm's init leaves near-zero heads and tokens: random weights make every one count
+    SAVERS[file_name](reference.state_dict(), tmp_path / file_name)
+
+    loaded = load_checkpoint(tmp_path / file_name, **overrides)  # heads from the standard widths
+    images = torch.randn(2, 3, *reference.patch_embed.img_size)
+    with torch.no_grad():
+        expected, ours = reference(images), loaded.model(images)
+    assert loaded.source == "timm" and ours.shape == expected.shape
+    assert expected.abs().max() > 0.1  # outputs big enough for the comparison to mean something
+    assert max_diff(ours, expected) < TOL
 
 
 # --- official MAE -----------------------------------------------------------------------------------------
@@ -354,19 +418,6 @@ def test_official_mae_finetuned_file_is_a_timm_classifier(tmp_path):
 
 
 # --- Hugging Face ----------------------------------------------------------------------------------------
-
-def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights at default-init scale, so every parameter (and its layout) matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=gen))
-            elif param.ndim >= 2 and "embed" not in name.split(".")[-1] and "token" not in name:
-                param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(param[0].numel()))
-            else:
-                param.copy_(0.5 * torch.randn(param.shape, generator=gen))
-
 
 def hf_mae(norm_pix_loss=False, qkv_bias=True):
     transformers = pytest.importorskip("transformers")

@@ -12,21 +12,57 @@ patch size, ...). `resolve_config` settles the rest.
 - `common`: the error type, `Converted`, and helpers for reading a state dict
 """
 from .common import (
-    CheckpointError, Converted, count_blocks, few, mlp_ratio, parse_size, require, unwrap_state_dict,
+    CheckpointError,
+    Converted,
+    count_blocks,
+    few,
+    mlp_ratio,
+    parse_size,
+    require,
+    unwrap_state_dict,
 )
 from .huggingface import hf_config_settings, rename_hf
 from .mae_layout import DECODER_PREFIXES, convert_decoder
 from .resolve import (
-    DEFAULT_DECODER_HEADS, DEFAULT_EPS, MAE_FIELDS, PRESET_CHECKED, STANDARD_HEADS, VIT_FIELDS, check_agrees,
-    preset_config, resolve_config,
+    DEFAULT_DECODER_HEADS,
+    DEFAULT_EPS,
+    MAE_FIELDS,
+    PRESET_CHECKED,
+    STANDARD_HEADS,
+    VIT_FIELDS,
+    check_agrees,
+    preset_config,
+    resolve_config,
 )
 from .sources import FORMAT, SOURCES, convert, detect_source
 from .timm_layout import UNSUPPORTED, convert_timm_layout
 
 __all__ = [
-    "CheckpointError", "Converted", "count_blocks", "few", "mlp_ratio", "parse_size", "require", "unwrap_state_dict",
-    "hf_config_settings", "rename_hf", "DECODER_PREFIXES", "convert_decoder",
-    "DEFAULT_DECODER_HEADS", "DEFAULT_EPS", "MAE_FIELDS", "PRESET_CHECKED", "STANDARD_HEADS", "VIT_FIELDS",
-    "check_agrees", "preset_config", "resolve_config", "FORMAT", "SOURCES", "convert", "detect_source",
-    "UNSUPPORTED", "convert_timm_layout",
+    "DECODER_PREFIXES",
+    "DEFAULT_DECODER_HEADS",
+    "DEFAULT_EPS",
+    "FORMAT",
+    "MAE_FIELDS",
+    "PRESET_CHECKED",
+    "SOURCES",
+    "STANDARD_HEADS",
+    "UNSUPPORTED",
+    "VIT_FIELDS",
+    "CheckpointError",
+    "Converted",
+    "check_agrees",
+    "convert",
+    "convert_decoder",
+    "convert_timm_layout",
+    "count_blocks",
+    "detect_source",
+    "few",
+    "hf_config_settings",
+    "mlp_ratio",
+    "parse_size",
+    "preset_config",
+    "rename_hf",
+    "require",
+    "resolve_config",
+    "unwrap_state_dict",
 ]

@@ -4,7 +4,15 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from .common import CheckpointError, Converted, count_blocks, few, is_square, mlp_ratio, require
+from .common import (
+    CheckpointError,
+    Converted,
+    count_blocks,
+    few,
+    is_square,
+    mlp_ratio,
+    require,
+)
 from .mae_layout import DECODER_PREFIXES, convert_decoder
 
 # Key fragments of timm features our ViT does not have; named so the error says what is missing.
