@@ -10,11 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
+import imageprep
 from model.presets import as_size
-from model.transforms import ShiftTransform, Size, eval_transform, train_transform
+from model.transforms import (
+    ShiftTransform,
+    Size,
+    decode_target,
+    eval_transform,
+    train_transform,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -145,25 +152,18 @@ def synthetic_train_transform(image_size: Size, mean: Sequence[float] = SYNTHETI
 
 # ---------------------------------------------------------------- datasets
 
-def decode_image(path: str | Path) -> Image.Image:
-    """Decode with Pillow, apply the EXIF orientation, convert to RGB; DataError names a bad file."""
+def decode_image(path: str | Path, target: imageprep.ResizeSpec | None = None) -> Image.Image:
+    """Upright RGB image, decoded exactly as the service decodes the same bytes (imageprep); DataError names a bad file.
+
+    `target`: the size evaluation will shrink the image to. The service decodes a large JPEG at a reduced
+    libjpeg scale for that size (draft: several times faster on photos, slightly different pixels), so
+    evaluation passes the same target to get the same pixels; augmentation passes none and decodes fully.
+    No byte or pixel limits: a dataset is trusted input (Pillow's own decompression-bomb check still applies).
+    """
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            image.load()
-            return _any_mode_to_rgb(image)
-    except Exception as exc:  # malformed files surface as OSError, SyntaxError, struct.error, ...
-        raise DataError(f"cannot decode image {path}: {exc}") from exc
-
-
-def _any_mode_to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float greyscale: rescale, don't clip
-        array = np.asarray(image, dtype=np.float32)
-        peak = 65535.0 if array.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(array * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # Pillow asks for this route for palette transparency
-    return image.convert("RGB")
+        return imageprep.decode_path(path, target=target)
+    except imageprep.ImageError as exc:
+        raise DataError(f"cannot decode image: {exc.message}") from exc
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -208,7 +208,7 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        image = decode_image(path)
+        image = decode_image(path, decode_target(self.transform))  # evaluation: the service's draft decode
         return (self.transform(image) if self.transform else image), label
 
     def verify(self) -> None:

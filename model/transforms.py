@@ -1,5 +1,9 @@
 """Image transforms with Pillow + NumPy: PIL image or uint8 (H, W, 3) array in, normalised float32 (3, H, W) tensor out.
 
+Evaluation resizes with the ground floor's rule (`imageprep.resize_for_model`), the very code the service
+runs, and tells the dataset what size it will shrink to (`decode_target`), so that a large JPEG is decoded at
+the same reduced scale as the service decodes it: the same file gives the same pixels in both.
+
 Randomness comes from torch's RNG (or an explicit `torch.Generator`), which DataLoader seeds
 per worker and per epoch from the main process, so `torch.manual_seed` makes augmentation reproducible.
 """
@@ -7,12 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
+from imageprep import DEFAULT_CROP_FRACTION, ResizeSpec, resize_for_model
 from model.presets import as_size
 
 ImageLike = Union[Image.Image, np.ndarray]
@@ -35,10 +40,16 @@ def _to_array(image: ImageLike) -> np.ndarray:
     return array
 
 
-def _normalise(image: ImageLike, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+def normalise(image: ImageLike, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
     """uint8 HWC -> float32 (3, H, W), (x / 255 - mean) / std."""
     array = (_to_array(image).astype(np.float32) / 255.0 - mean) / std
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def decode_target(transform: Any) -> ResizeSpec | None:
+    """The size a transform shrinks every image to, so the decoder may draft a large JPEG down to it (as the
+    service does); None for a transform that wants the full image (augmentation crops anywhere)."""
+    return getattr(transform, "decode_target", None)
 
 
 def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
@@ -50,28 +61,34 @@ def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
     return int(torch.randint(low, high + 1, (), generator=generator).item())
 
 
-def resize_and_centre_crop(image: ImageLike, size: tuple[int, int], crop_fraction: float = 0.875) -> ImageLike:
-    """Scale so the image covers size / crop_fraction, then cut the centre; no-op at the target size."""
-    height, width = size
-    if (image.size[::-1] if isinstance(image, Image.Image) else image.shape[:2]) == size:
-        return image  # already the model's size: resampling would only blur it
-    pil = _to_pil(image)
-    scale = max(height / crop_fraction / pil.height, width / crop_fraction / pil.width)
-    new_w, new_h = max(width, round(pil.width * scale)), max(height, round(pil.height * scale))
-    left, top = (new_w - width) // 2, (new_h - height) // 2
-    return pil.resize((new_w, new_h), Image.BICUBIC).crop((left, top, left + width, top + height))
+def resize_and_centre_crop(image: ImageLike, size: tuple[int, int],
+                           crop_fraction: float = DEFAULT_CROP_FRACTION) -> np.ndarray:
+    """uint8 (H, W, 3): scale so the image covers size / crop_fraction, bicubic, cut the centre (imageprep's rule);
+    an image already at the target size keeps its pixels."""
+    return resize_for_model(_to_pil(image), ResizeSpec(*size, crop_fraction=crop_fraction))
 
 
 class EvalTransform:
     """Resize the shorter side to size / crop_fraction, centre crop, normalise. Deterministic."""
 
-    def __init__(self, image_size: Size, mean: Sequence[float], std: Sequence[float], *, crop_fraction: float = 0.875):
+    def __init__(self, image_size: Size, mean: Sequence[float], std: Sequence[float], *,
+                 crop_fraction: float = DEFAULT_CROP_FRACTION):
         self.size = as_size(image_size)
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
         self.crop_fraction = crop_fraction
+        # The service's resize for this model (export writes the same crop fraction and interpolation).
+        self.spec = ResizeSpec(*self.size, crop_fraction=crop_fraction)
+
+    @property
+    def decode_target(self) -> ResizeSpec:
+        return self.spec
+
+    def pixels(self, image: ImageLike) -> np.ndarray:
+        """uint8 (H, W, 3) before normalisation: what the service feeds the exported graph."""
+        return resize_for_model(_to_pil(image), self.spec)
 
     def __call__(self, image: ImageLike, generator: torch.Generator | None = None) -> torch.Tensor:
-        return _normalise(resize_and_centre_crop(image, self.size, self.crop_fraction), self.mean, self.std)
+        return normalise(self.pixels(image), self.mean, self.std)
 
 
 class TrainTransform:
@@ -93,7 +110,7 @@ class TrainTransform:
             array = array[:, ::-1]
         if self.jitter > 0:
             array = self.colour_jitter(array, generator)
-        return _normalise(array, self.mean, self.std)
+        return normalise(array, self.mean, self.std)
 
     def crop_box(self, width: int, height: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
         """A box covering `scale` of the area with aspect ratio in `ratio` (log-uniform)."""
@@ -144,7 +161,7 @@ class ShiftTransform:
         array = padded[sy + dy:sy + dy + self.size[0], sx + dx:sx + dx + self.size[1]]
         if self.hflip and _uniform(0, 1, generator) < 0.5:
             array = array[:, ::-1]
-        return _normalise(array, self.mean, self.std)
+        return normalise(array, self.mean, self.std)
 
 
 def train_transform(image_size: Size, mean: Sequence[float], std: Sequence[float], *, hflip: bool = True,

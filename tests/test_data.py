@@ -18,11 +18,12 @@ from model.data import (
     DataError,
     DataSplits,
     ImageFolder,
+    decode_image,
     load_dataset,
     make_synthetic,
     synthetic_train_transform,
 )
-from model.transforms import eval_transform, train_transform
+from model.transforms import decode_target, eval_transform, train_transform
 
 BAR_TOP, BAR_BOTTOM = SYNTHETIC_CLASSES.index("bar_top"), SYNTHETIC_CLASSES.index("bar_bottom")
 
@@ -223,6 +224,22 @@ def test_image_folder_honours_exif_orientation(tmp_path):
     write_image(tmp_path / "cls" / "rotated.jpg", size=(40, 20), format="JPEG", exif=exif)
     image, _ = ImageFolder(tmp_path)[0]
     assert image.size == (20, 40)
+
+
+def test_evaluation_decodes_a_large_jpeg_for_its_target_and_augmentation_decodes_it_fully(tmp_path):
+    # Evaluation must decode as the service does (libjpeg draft for the target size); augmentation crops
+    # anywhere, so it gets every pixel.
+    path = tmp_path / "cls" / "big.jpg"
+    path.parent.mkdir()
+    texture = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)  # fine detail, as in a photo
+    Image.fromarray(texture).resize((1024, 768), Image.BILINEAR).save(path, quality=90)
+    evaluate, augment = eval_transform(32, IMAGENET_MEAN, IMAGENET_STD), train_transform(32, IMAGENET_MEAN, IMAGENET_STD)
+    assert decode_target(augment) is None and decode_target(synthetic_train_transform(32)) is None
+    drafted = decode_image(path, decode_target(evaluate))
+    assert drafted.size == (128, 96) and decode_image(path).size == (1024, 768)  # 1/8 scale, still >= 37 px a side
+    folder = ImageFolder(tmp_path, evaluate)
+    assert torch.equal(folder[0][0], evaluate(drafted))
+    assert not torch.equal(folder[0][0], evaluate(decode_image(path)))  # the draft is visible in the pixels
 
 
 def test_image_folder_applies_the_transform_and_accepts_a_file_subset(tmp_path):

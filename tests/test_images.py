@@ -1,12 +1,16 @@
-"""service/images.py: decoding any supported image to upright RGB within limits, resizing exactly as training
-evaluated, PNG encoding and base64 input. Every image is built here with Pillow."""
+"""service/images.py over the ground floor (imageprep): decoding any supported image to upright RGB within
+limits, the resize rule, the service's error mapping, PNG encoding and base64 input. Every image is built here
+with Pillow. (That training-time evaluation gets the same pixels: tests/test_preprocessing_skew.py.)"""
 from __future__ import annotations
 
 import base64
 import io
 import struct
+import subprocess
+import sys
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +25,7 @@ from service.images import (
     encode_png,
     prepare_image,
     resize_for_model,
+    resize_spec_from_metadata,
 )
 
 LIMITS = ImageLimits()
@@ -63,7 +68,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def reference_resize_and_centre_crop(image: Image.Image, size: tuple[int, int], crop_fraction: float) -> Image.Image:
-    """A copy of model/transforms.py resize_and_centre_crop's arithmetic (service/ cannot import it)."""
+    """The resize rule's arithmetic written out independently, to pin imageprep.resize_for_model to it."""
     height, width = size
     if image.size[::-1] == size:
         return image
@@ -301,10 +306,10 @@ def test_prepare_image_gives_model_ready_pixels():
 
 def test_resize_spec_from_metadata():
     meta = {"image": {"size": [224, 160], "resize": {"interpolation": "bicubic", "crop_fraction": 0.9}}}
-    assert ResizeSpec.from_metadata(meta) == ResizeSpec(224, 160, crop_fraction=0.9, interpolation="bicubic")
-    assert ResizeSpec.from_metadata({"image": {"size": [32, 32]}}) == ResizeSpec(32, 32)
+    assert resize_spec_from_metadata(meta) == ResizeSpec(224, 160, crop_fraction=0.9, interpolation="bicubic")
+    assert resize_spec_from_metadata({"image": {"size": [32, 32]}}) == ResizeSpec(32, 32)
     with pytest.raises(ValueError):
-        ResizeSpec.from_metadata({"task": "classify"})
+        resize_spec_from_metadata({"task": "classify"})
     with pytest.raises(ValueError):
         ResizeSpec(224, 224, interpolation="sinc")
     with pytest.raises(ValueError):
@@ -388,7 +393,12 @@ def test_base64_must_be_text():
 
 
 def test_an_extreme_aspect_ratio_is_resized_without_a_huge_intermediate_image(monkeypatch):
-    from service.images import MAX_INTERMEDIATE_FACTOR, ImageLimits, ResizeSpec, prepare_image
+    from service.images import (
+        MAX_INTERMEDIATE_FACTOR,
+        ImageLimits,
+        ResizeSpec,
+        prepare_image,
+    )
 
     requested = []
     original_resize = Image.Image.resize
@@ -405,3 +415,36 @@ def test_an_extreme_aspect_ratio_is_resized_without_a_huge_intermediate_image(mo
     assert pixels.shape == (224, 224, 3)
     assert abs(int(pixels[112, 112, 0]) - 200) <= 2  # the colour survives
     assert max(w * h for w, h in requested) <= MAX_INTERMEDIATE_FACTOR * 224 * 224
+
+
+# ------------------------------------------------------------------------------------- the ground floor
+
+def test_imageprep_imports_neither_torch_nor_any_room():
+    """The ground floor must load in a serving install (no torch) and below model/, export/ and service/."""
+    probe = ("import sys, imageprep; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'model', 'export', 'service', 'modelrepo', 'onnxruntime'}))")
+    completed = subprocess.run([sys.executable, "-c", probe], check=False, cwd=Path(__file__).resolve().parents[1],
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "[]"
+
+
+def test_service_limits_add_only_the_per_request_count_to_the_ground_floors():
+    import imageprep
+
+    limits = ImageLimits(max_pixels=100, max_images=3, max_body_bytes=1000)
+    assert isinstance(limits, imageprep.ImageLimits) and (limits.max_pixels, limits.max_images) == (100, 3)
+    with pytest.raises(ValueError, match="max_images"):
+        ImageLimits(max_images=0)
+    assert ResizeSpec is imageprep.ResizeSpec  # one definition, not a service copy
+
+
+def test_ground_floor_errors_carry_the_index_and_stay_free_of_http():
+    import imageprep
+
+    with pytest.raises(imageprep.ImageTooLarge) as too_large:
+        imageprep.decode_bytes(png_header_only(9000, 9000), imageprep.ImageLimits(), index=2)
+    with pytest.raises(imageprep.ImageDecodeError) as broken:
+        imageprep.prepare(b"nope", ResizeSpec(8, 8), index=5)
+    assert (too_large.value.index, broken.value.index) == (2, 5)
+    assert not hasattr(too_large.value, "status") and isinstance(broken.value, imageprep.ImageError)
