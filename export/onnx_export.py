@@ -49,6 +49,7 @@ from .graphs import ExportGraph, ReconstructorGraph
 # one path, dynamo at opset 23, serves all three graphs. Every path matches eager to ~1e-6.
 DEFAULT_OPSET = 23
 DEFAULT_DYNAMO = True
+MIN_DYNAMO_OPSET = 18  # the dynamo exporter's op library (onnxscript) starts here; older opsets are "converted" or not
 
 MAX_SINGLE_FILE_BYTES = 2 * 1024**3  # protobuf's limit: beyond it weights must live in a sidecar
 
@@ -77,6 +78,7 @@ def export_onnx(
     or arrays; None uses `graph.example_inputs()`. A batch of 1 is tiled to 2 so that the exporter
     does not specialise the batch axis. The file passes `onnx.checker.check_model`.
     """
+    check_opset(opset, dynamo)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     graph.eval()
@@ -104,6 +106,16 @@ def export_onnx(
         )
     fold_external_data(path)
     onnx.checker.check_model(str(path))
+    written = {entry.version for entry in onnx.load(str(path), load_external_data=False).opset_import if entry.domain in ("", "ai.onnx")}
+    if written != {opset}:  # the exporter falls back quietly when it cannot convert: never record an opset we did not write
+        raise ExportError(f"asked for opset {opset}, the exporter wrote {sorted(written)}")
+
+
+def check_opset(opset: int, dynamo: bool = DEFAULT_DYNAMO) -> None:
+    newest = onnx.defs.onnx_opset_version()
+    oldest = MIN_DYNAMO_OPSET if dynamo else 7  # TorchScript: whatever it cannot write, the check after export catches
+    if not oldest <= opset <= newest:
+        raise ExportError(f"opset {opset} is not supported: this exporter writes opsets {oldest} to {newest}")
 
 
 def _as_args(graph: ExportGraph, example_inputs: Mapping[str, Any] | Sequence[Any] | None) -> tuple[torch.Tensor, ...]:

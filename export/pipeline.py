@@ -21,7 +21,7 @@ from modelrepo.triton import triton_config, write_triton_config
 from .errors import ExportError, VariantError
 from .graphs import ClassifierGraph, EmbedderGraph, ExportGraph, ReconstructorGraph
 from .metadata import CROP_FRACTION, build_metadata
-from .onnx_export import DEFAULT_DYNAMO, DEFAULT_OPSET, export_onnx
+from .onnx_export import DEFAULT_DYNAMO, DEFAULT_OPSET, check_opset, export_onnx
 from .parity import FP32_TOLERANCE, check_parity, parity_inputs
 from .variants import FP16_TOLERANCE, INT8_TOLERANCE, check_variant, compare_variant, convert_fp16, quantize_int8
 
@@ -65,6 +65,7 @@ class WrittenVersion:
 def export_checkpoint(request: ExportRequest) -> list[WrittenVersion]:
     """Export every graph the checkpoint supports; returns the metadata of each version written."""
     check_repository(request.repo)
+    check_opset(request.opset, request.dynamo)
     base_name = request.name or default_name(request.checkpoint)
     check_name(base_name)
     if not request.checkpoint.exists():
