@@ -32,9 +32,13 @@ class Unavailable(Exception):
     """A contender that cannot run on this machine; the message says why (and how to fix it)."""
 
 
+SOURCE_SETTING = "source"  # vitserve+source=PATH: the server's code from another checkout (before/after a change)
+
+
 def parse_kind(kind: str) -> tuple[str, dict[str, str]]:
     """`vitserve+max_batch_size=16+decode_threads=1` -> ("vitserve", {"VITSERVE_MAX_BATCH_SIZE": "16", ...}): a
-    vitserve contender with other settings, so that settings can be compared side by side in one paired run."""
+    vitserve contender with other settings, so that settings can be compared side by side in one paired run.
+    `source=PATH` runs the service's code from another checkout of this repository (PYTHONPATH, not a setting)."""
     base, *settings = kind.split("+")
     if base not in KINDS:
         raise ValueError(f"unknown contender {base!r}; known: {', '.join(KINDS)}")
@@ -45,7 +49,10 @@ def parse_kind(kind: str) -> tuple[str, dict[str, str]]:
         name, equals, value = setting.partition("=")
         if not equals or not name.strip():
             raise ValueError(f"bad setting {setting!r} in {kind!r}: write NAME=VALUE, e.g. vitserve+max_batch_size=16")
-        env["VITSERVE_" + name.strip().upper().replace("-", "_")] = value.strip()
+        if name.strip() == SOURCE_SETTING:
+            env["PYTHONPATH"] = str(Path(value.strip()).resolve())
+        else:
+            env["VITSERVE_" + name.strip().upper().replace("-", "_")] = value.strip()
     return base, env
 
 
@@ -199,10 +206,10 @@ class Server:
         """Launch the process (returns at once: `wait_ready` waits, so several servers can start together)."""
         self.port = _free_port()
         environment = {k: v for k, v in os.environ.items() if not k.startswith("VITSERVE_")}
-        environment.update(self.env, PYTHONPATH=str(ROOT))
+        environment.update({"PYTHONPATH": str(ROOT), **self.env})
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as log:
-            self.process = subprocess.Popen([*self.argv, str(self.port)], env=environment, cwd=ROOT, stdin=subprocess.DEVNULL,
+            self.process = subprocess.Popen([*self.argv, str(self.port)], env=environment, cwd=environment["PYTHONPATH"], stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.started_at = time.perf_counter()
 

@@ -47,6 +47,7 @@ def test_settings_contenders_are_parsed_and_bad_ones_refused():
     assert parse_kind("vitserve") == ("vitserve", {})
     assert parse_kind("vitserve+max_batch_size=4+instances=1") == (
         "vitserve", {"VITSERVE_MAX_BATCH_SIZE": "4", "VITSERVE_INSTANCES": "1"})
+    assert parse_kind(f"vitserve+source={ROOT}") == ("vitserve", {"PYTHONPATH": str(ROOT.resolve())})  # another checkout
     for bad in ("litserve+max_batch_size=4", "vitserve+max_batch_size", "nginx"):
         completed = subprocess.run([sys.executable, "-m", "bench", "--contenders", bad], cwd=ROOT,
                                    capture_output=True, text=True, timeout=60)
