@@ -24,7 +24,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from model.mae import MaskedAutoencoder, denormalise_patches, num_visible
+from model.mae import MaskedAutoencoder, denormalise_patches, encoder_of, num_visible
 from model.vit import VisionTransformer
 from modelrepo import TensorSpec
 from modelrepo.names import BATCH, EMBEDDING, IMAGES, KEEP, LOGITS, LOSS, MASK, NOISE, PATCHES, RECONSTRUCTION
@@ -126,8 +126,7 @@ class EmbedderGraph(ExportGraph):
     output_names = (EMBEDDING,)
 
     def __init__(self, encoder: VisionTransformer | MaskedAutoencoder, mean: Sequence[float], std: Sequence[float]) -> None:
-        if isinstance(encoder, MaskedAutoencoder):
-            encoder = encoder.encoder
+        encoder = encoder_of(encoder)
         if not isinstance(encoder, VisionTransformer):
             raise TypeError(f"EmbedderGraph needs a VisionTransformer or MaskedAutoencoder, got {type(encoder).__name__}")
         super().__init__(encoder, mean, std)
