@@ -16,7 +16,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['serve']))" > requirements-serve.txt \
  && /opt/venv/bin/pip install --no-cache-dir -r requirements-serve.txt
-# Only the service package is copied: model/ and export/ (torch) never enter the image.
+# Only the service and the torch-free packages under it are copied: model/ and export/ (torch) never enter the image.
+COPY modelrepo/ modelrepo/
+COPY imageprep/ imageprep/
 COPY service/ service/
 RUN /opt/venv/bin/pip install --no-cache-dir ".[serve]" \
  && /opt/venv/bin/pip uninstall --yes setuptools pip \

@@ -9,6 +9,7 @@ import onnx
 import onnxruntime
 import torch
 
+from imageprep import DEFAULT_CROP_FRACTION, DEFAULT_INTERPOLATION
 from model.checkpoints import LoadedCheckpoint
 from model.mae import encoder_of
 from modelrepo import Classification, Embedding, ImageInput, ModelMetadata, Normalization, Reconstruction, VariantRecord
@@ -16,8 +17,8 @@ from modelrepo import Classification, Embedding, ImageInput, ModelMetadata, Norm
 from .graphs import ClassifierGraph, EmbedderGraph, ExportGraph, ReconstructorGraph
 
 # How the service must resize an image before the graph sees it: the evaluation transform of training.
-CROP_FRACTION = 0.875
-INTERPOLATION = "bicubic"
+CROP_FRACTION = DEFAULT_CROP_FRACTION
+INTERPOLATION = DEFAULT_INTERPOLATION
 
 
 def build_metadata(name: str, graph: ExportGraph, loaded: LoadedCheckpoint, variants: Mapping[str, VariantRecord],

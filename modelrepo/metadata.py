@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from imageprep import DEFAULT_CROP_FRACTION, DEFAULT_INTERPOLATION
+
 from .errors import InvalidMetadata, UnsupportedFormat
 from .names import BATCH, METADATA_FORMAT, TASKS, Task
 
@@ -40,8 +42,8 @@ class ImageInput:
     """What the graph's `images` input takes, and how a photo is brought to it (the evaluation resize)."""
     height: int
     width: int
-    interpolation: str = "bicubic"
-    crop_fraction: float = 0.875  # shorter side to size / crop_fraction, then the centre crop
+    interpolation: str = DEFAULT_INTERPOLATION
+    crop_fraction: float = DEFAULT_CROP_FRACTION  # shorter side to size / crop_fraction, then the centre crop
 
     @property
     def size(self) -> tuple[int, int]:

@@ -18,7 +18,6 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -29,7 +28,7 @@ from service.errors import InvalidImage, PayloadTooLarge
 
 __all__ = [
     "MAX_INTERMEDIATE_FACTOR", "ImageLimits", "ResizeSpec", "decode_base64_image", "decode_image", "encode_png",
-    "prepare_image", "resize_for_model", "resize_spec_from_metadata",
+    "prepare_image", "resize_for_model",
 ]
 
 
@@ -64,25 +63,6 @@ def prepare_image(data: bytes, spec: ResizeSpec, limits: imageprep.ImageLimits, 
     training-time evaluation does too (model/data.py), so `draft=False` is only for measuring its effect."""
     with _as_service_errors():
         return imageprep.prepare(data, spec, limits, index=index, draft=draft)
-
-
-def resize_spec_from_metadata(meta: dict[str, Any]) -> ResizeSpec:
-    """From a model's metadata: {"image": {"size": [H, W], "resize": {"interpolation": ..., "crop_fraction": ...}}}.
-
-    Kept here, not on the ground floor: imageprep must not know the model repository's format.
-    """
-    try:
-        image = meta["image"]
-        height, width = (int(v) for v in image["size"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"model metadata has no usable image.size [H, W]: {exc!r}") from exc
-    resize = image.get("resize") or {}
-    return ResizeSpec(
-        height=height,
-        width=width,
-        crop_fraction=float(resize.get("crop_fraction", imageprep.DEFAULT_CROP_FRACTION)),
-        interpolation=str(resize.get("interpolation", imageprep.DEFAULT_INTERPOLATION)),
-    )
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

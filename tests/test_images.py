@@ -25,7 +25,6 @@ from service.images import (
     encode_png,
     prepare_image,
     resize_for_model,
-    resize_spec_from_metadata,
 )
 
 LIMITS = ImageLimits()
@@ -304,12 +303,7 @@ def test_prepare_image_gives_model_ready_pixels():
     assert pixels.dtype == np.uint8 and pixels.shape == (32, 48, 3) and pixels.flags.c_contiguous
 
 
-def test_resize_spec_from_metadata():
-    meta = {"image": {"size": [224, 160], "resize": {"interpolation": "bicubic", "crop_fraction": 0.9}}}
-    assert resize_spec_from_metadata(meta) == ResizeSpec(224, 160, crop_fraction=0.9, interpolation="bicubic")
-    assert resize_spec_from_metadata({"image": {"size": [32, 32]}}) == ResizeSpec(32, 32)
-    with pytest.raises(ValueError):
-        resize_spec_from_metadata({"task": "classify"})
+def test_resize_spec_refuses_what_cannot_be_a_resize():
     with pytest.raises(ValueError):
         ResizeSpec(224, 224, interpolation="sinc")
     with pytest.raises(ValueError):

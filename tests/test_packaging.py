@@ -23,11 +23,21 @@ def test_torch_is_pinned_exactly_wherever_it_appears():
                 assert requirement == "torch==2.13.0", f"{extra}: {requirement}"
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _importing(package: str, forbidden: str) -> list[str]:
+    pattern = re.compile(rf"^\s*(import|from)\s+({forbidden})\b", re.M)
+    return [str(p.relative_to(ROOT)) for p in (ROOT / package).rglob("*.py") if pattern.search(p.read_text())]
+
+
 def test_the_service_package_never_imports_torch_model_or_export():
-    sources = (Path(__file__).resolve().parents[1] / "service").glob("*.py")
-    pattern = re.compile(r"^\s*(import|from)\s+(torch|model|export|einops)\b", re.M)
-    offenders = [p.name for p in sources if pattern.search(p.read_text())]
-    assert not offenders
+    assert not _importing("service", "torch|model|export|einops")
+
+
+@pytest.mark.parametrize("package", ["modelrepo", "imageprep"])
+def test_the_ground_floor_imports_no_room_and_no_torch(package):
+    assert not _importing(package, "torch|model|export|service|einops")
 
 
 def test_device_cuda_without_a_cuda_provider_refuses_to_start(tmp_path):
