@@ -9,15 +9,26 @@ PORT ?= 8000
 
 .PHONY: venv install test test-all demo demo-classifier demo-mae models serve clean
 
+# The torch build (scripts/install-torch.sh): the CPU one by default, from PyTorch's CPU index; TORCH=cu128 (or
+# another cuNNN) for that CUDA build, TORCH=pypi for PyPI's own (CUDA on Linux), TORCH_INDEX=URL for a mirror.
+TORCH ?=
+TORCH_INDEX ?=
+TORCH_STAMP := $(BIN)/.torch-$(or $(TORCH),default)
+
 venv: $(BIN)/.installed
 
-# torch is installed first, pinned, so nothing later can pull a CUDA build.
-$(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install "torch==2.13.0"
+# torch first, so that the extras find their pinned torch in place instead of pulling PyPI's CUDA build.
+$(BIN)/.installed: pyproject.toml $(TORCH_STAMP)
 	$(BIN)/python -m pip install -e ".[train,export,serve,dev,reference,bench]"
 	$(BIN)/python -m pip install --no-deps "timm==1.0.31"  # reference for the importer tests; its torchvision does not load beside this torch
+	touch $@
+
+# Run again when TORCH changes: `make install TORCH=cu128` swaps the torch of an existing environment.
+$(TORCH_STAMP): pyproject.toml scripts/install-torch.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	rm -f $(BIN)/.torch-*
+	TORCH="$(TORCH)" TORCH_INDEX="$(TORCH_INDEX)" sh scripts/install-torch.sh $(BIN)/python
 	touch $@
 
 install: venv

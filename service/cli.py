@@ -4,7 +4,6 @@ Every option is also an environment variable `VITSERVE_<NAME>`; see `vit-serve -
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -13,7 +12,8 @@ import uvicorn
 from pydantic import ValidationError
 
 from .api import create_app
-from .settings import Settings, load_settings
+from .logs import configure_logging
+from .settings import Settings, env_name, load_settings
 
 
 class DrainingServer(uvicorn.Server):
@@ -33,14 +33,12 @@ class DrainingServer(uvicorn.Server):
             self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
-def setup_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
 def serve(settings: Settings) -> None:
-    setup_logging(settings)
+    configure_logging(settings.log_level, settings.log_format)
+    # log_config=None: uvicorn's loggers write through our handler (and format), not through handlers of its own;
+    # its access log is off because ours (service.middleware) writes one line per request with the request id.
     common = dict(host=settings.host, port=settings.port, loop="uvloop", http="httptools", log_level=settings.log_level,
-                  access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s or None)
+                  log_config=None, access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s or None)
     if settings.workers > 1:
         # Each worker process builds its own app from the environment (the command line was exported into it).
         _export_to_environment(settings)
@@ -53,7 +51,7 @@ def serve(settings: Settings) -> None:
 def app_from_environment():
     """The app of one worker process in `--workers N` mode (each worker has its own metrics registry)."""
     settings = Settings()
-    setup_logging(settings)
+    configure_logging(settings.log_level, settings.log_format)
     return create_app(settings)
 
 
@@ -69,11 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(sys.argv[1:] if argv is None else argv)
     except ValidationError as error:
         for item in error.errors():
-            where = ".".join(str(p) for p in item["loc"])
-            print(f"vit-serve: error: {where}: {item['msg']}", file=sys.stderr)
+            print(f"vit-serve: error: {_which_setting(item['loc'])}{item['msg'].removeprefix('Value error, ')}", file=sys.stderr)
         return 2
     serve(settings)
     return 0
+
+
+def _which_setting(location: tuple) -> str:
+    """`max_batch_size (--max-batch-size, VITSERVE_MAX_BATCH_SIZE): ` for a field's error; nothing for the model's."""
+    if not location:
+        return ""
+    name = str(location[0])
+    return f"{'.'.join(map(str, location))} (--{name.replace('_', '-')}, {env_name(name)}): "
 
 
 if __name__ == "__main__":

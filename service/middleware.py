@@ -1,4 +1,5 @@
-"""Pure ASGI middleware around every request: request id, body-size limit, metrics, one access-log line."""
+"""Pure ASGI middleware around every request: request id, body-size limit, metrics, one access-log line
+(structured: its fields become keys of the line in JSON logs, see service.logs)."""
 from __future__ import annotations
 
 import hmac
@@ -58,9 +59,11 @@ class RequestContextMiddleware:
         template = getattr(route, "path", None) or "unmatched"
         self.metrics.requests.labels(template, scope["method"], str(status["code"])).inc()
         self.metrics.latency.labels(template).observe(elapsed)
-        access_log.info(json.dumps({"request_id": request_id, "method": scope["method"], "route": template, "path": scope["path"],
-                                    "status": status["code"], "duration_ms": round(elapsed * 1000, 2),
-                                    "client": (scope.get("client") or ["-"])[0]}))
+        line = {"request_id": request_id, "method": scope["method"], "route": template, "path": scope["path"],
+                "status": status["code"], "duration_ms": round(elapsed * 1000, 2), "client": (scope.get("client") or ["-"])[0]}
+        # the message is the line a person reads; the fields are the keys of the JSON line (service.logs)
+        access_log.info("%s %s %d %.2f ms request %s client %s", line["method"], line["path"], line["status"],
+                        line["duration_ms"], request_id, line["client"], extra={"fields": line})
 
     def _limited(self, receive):
         """Count body bytes as they arrive: a chunked body without Content-Length is capped too."""

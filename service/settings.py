@@ -2,52 +2,76 @@
 the command line (`--max-batch-size 16`); the command line wins. Nothing else reads the environment."""
 from __future__ import annotations
 
+import argparse
 import os
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
 Variant = Literal["auto", "fp32", "int8", "fp16"]
+ENV_PREFIX = "VITSERVE_"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="VITSERVE_", cli_kebab_case=True, cli_prog_name="vit-serve", cli_implicit_flags=True,
-        cli_ignore_unknown_args=False,
+        env_prefix=ENV_PREFIX, cli_kebab_case=True, cli_implicit_flags=True, cli_ignore_unknown_args=False,
     )
+    # Fields are listed in the order of OPTION_GROUPS below, which is the order of `vit-serve --help`. A field whose
+    # default is None or computed says in its description what that means ("default: ..."): the help prints it.
 
     repo: Path = Field(description="model repository written by vit-export")
-    host: str = Field("127.0.0.1", description="address to listen on")
-    port: int = Field(8000, ge=0, le=65535)
-    device: Device = Field("auto", description="auto: CUDA when it really loads, else CPU (with a warning); cuda: fail without it")
-    workers: int = Field(1, ge=1, description="server processes (each loads every model)")
-    variant: Variant = Field("auto", description="graph variant: auto = fp16 on CUDA when exported, else fp32")
     models: list[str] = Field(default_factory=list, description="model names to load (default: all in the repository)")
-    pin_versions: dict[str, int] = Field(default_factory=dict, description='pinned versions, e.g. {"demo-classifier": 1} (default: latest)')
+    pin_versions: dict[str, int] = Field(default_factory=dict, description='pinned versions, e.g. {"demo-classifier": 1} '
+                                         "(default: the latest version of each model)")
+    variant: Variant = Field("auto", description="graph variant: auto = fp16 on CUDA when exported, else fp32")
+    device: Device = Field("auto", description="auto: CUDA when it really loads, else CPU (with a warning); cuda: fail without it")
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    workers: int = Field(1, ge=1, description="server processes (each loads every model)")
+    api_key: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>' or 'X-API-Key'; "
+                                      "probes and metrics stay open (default: none, no key needed)")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued and running work may take, in seconds")
+
+    timeout_ms: int = Field(30_000, ge=1, description="default per-request deadline (a request may ask for less)")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body; larger ones get 413")
+    max_images_per_request: int = Field(32, ge=1, description="more images in one request get 413; must not exceed "
+                                        "--max-queue-images")
+    max_pixels: int = Field(40_000_000, ge=1, description="per image, checked before decoding")
+
     max_batch_size: int | None = Field(None, ge=1, description="images per batch (default: 64 on CUDA; on CPU the "
                                        "smallest of 1, 2, 4, 8 with the best time per image, timed at start)")
     max_delay_ms: float = Field(2.0, ge=0, description="longest wait to fill a batch, only while the model is busy anyway")
     max_queue_images: int = Field(256, ge=1, description="queued images per model before requests are refused with 503")
-    timeout_ms: int = Field(30_000, ge=1, description="default per-request deadline (a request may ask for less)")
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1)
-    max_images_per_request: int = Field(32, ge=1)
-    max_pixels: int = Field(40_000_000, ge=1, description="per image, checked before decoding")
     instances: int | None = Field(None, ge=1, description="batches of one model that run at once, each in its own thread "
                                   "(default: 1 on CUDA, 2 on a multi-core CPU, else 1: see the README's benchmarks)")
+
     intra_op_threads: int | None = Field(None, ge=1, description="onnxruntime threads per running batch (default: CPU cores / instances)")
     solo_all_cores: bool = Field(True, description="CPU with instances > 1: a batch that runs alone uses every core, through a "
                                  "second session of the model (lowest latency for a lone request; the weights are held twice)")
     # 100 us: onnxruntime's default spin kept a thread busy for milliseconds after every run, on a core that decoding
     # and HTTP needed (ViT-Tiny, 2 cores, c=1: p99 23 -> 16 ms, paired; throughput unchanged).
     intra_op_spin_us: int | None = Field(100, ge=0, description="how long an idle onnxruntime thread busy-waits for work "
-                                         "before it sleeps, in microseconds; 0: never; unset (null): onnxruntime's default")
+                                         "before it sleeps, in microseconds; 0: never; null: onnxruntime's default")
     decode_threads: int | None = Field(None, ge=1, description="image decoding threads (default: half the CPU cores, at least 1)")
-    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued and running work may take")
-    api_key: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>' or 'X-API-Key'")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="least severe log level written")
+    log_format: Literal["text", "json"] = Field("text", description="text: lines for a terminal; json: one JSON object per "
+                                                "line, access lines included, for log collectors")
+
+    @field_validator("repo", mode="before")
+    @classmethod
+    def _an_empty_repo_is_a_mistake(cls, repo: object) -> object:
+        if isinstance(repo, str) and not repo.strip():  # Path("") would quietly serve the current directory
+            raise ValueError("the model repository is set but empty")
+        return repo
 
     @field_validator("repo")
     @classmethod
@@ -93,8 +117,98 @@ class Settings(BaseSettings):
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+
+# The sections of `vit-serve --help`, in order; every field is in exactly one.
+OPTION_GROUPS: dict[str, tuple[str, ...]] = {
+    "model repository": ("repo", "models", "pin_versions", "variant", "device"),
+    "HTTP server": ("host", "port", "workers", "api_key", "drain_timeout_s"),
+    "request limits": ("timeout_ms", "max_body_bytes", "max_images_per_request", "max_pixels"),
+    "batching": ("max_batch_size", "max_delay_ms", "max_queue_images", "instances"),
+    "CPU threads": ("intra_op_threads", "solo_all_cores", "intra_op_spin_us", "decode_threads"),
+    "logging": ("log_level", "log_format"),
+}
+
+# How a value is written on the command line, in words for people rather than Python's type names.
+_VALUE_WORDS = {Path: "PATH", str: "TEXT", int: "N", float: "NUMBER", SecretStr: "SECRET"}
+
+_DESCRIPTION = """\
+Serve the models of a model repository (written by vit-export) over HTTP.
+
+Every option is also an environment variable, VITSERVE_<OPTION>, e.g.
+VITSERVE_MAX_BATCH_SIZE=16; the command line wins. Lists take commas or JSON
+(--models a,b), maps take JSON (--pin-versions '{"demo-classifier": 1}'), and
+an option whose default is computed takes null to ask for that default."""
+
+_EXAMPLES = """\
+examples:
+  vit-serve --repo models
+  vit-serve --repo models --port 9000 --device cpu --log-format json
+  VITSERVE_MAX_BATCH_SIZE=16 vit-serve --repo models"""
+
+
+def env_name(field_name: str) -> str:
+    return f"{ENV_PREFIX}{field_name.upper()}"
+
+
+def value_word(annotation: object) -> str:
+    """`int | None` -> N, `Literal["a", "b"]` -> {a,b}, `list[str]` -> TEXT,... : what `--help` shows after an option."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):  # an optional value: None is the unset default, not a choice
+        return "|".join(value_word(a) for a in args if a is not type(None))
+    if origin is Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin is list:
+        return f"{value_word(args[0])},..."
+    if origin is dict:
+        return "JSON"
+    return _VALUE_WORDS.get(annotation, getattr(annotation, "__name__", str(annotation)).upper())
+
+
+def option_help(name: str, field: FieldInfo) -> str:
+    """The description, the default when it is a plain value (a computed one is told by the description), the
+    environment variable."""
+    text = field.description
+    if field.is_required():
+        text += " (required)"
+    elif field.default_factory is None and field.default is not None:
+        default = field.default
+        shown = ("on" if default else "off") if isinstance(default, bool) else f"{default:g}" if isinstance(default, float) else default
+        text += f" (default: {shown})"
+    return f"{text}\nenv: {env_name(name)}".replace("%", "%%")  # argparse formats help with %
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps each line of an option's help on its own, so the environment variable keeps a line to itself."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        wrap = super()._split_lines  # (zero-argument super() does not work inside a comprehension)
+        return [wrapped for line in text.splitlines() for wrapped in wrap(line, width)]
+
+
+def command_line_parser() -> tuple[argparse.ArgumentParser, Callable[..., argparse.Action]]:
+    """The `vit-serve` parser, grouped by OPTION_GROUPS, and the hook pydantic-settings adds each option through."""
+    parser = argparse.ArgumentParser(prog="vit-serve", description=_DESCRIPTION, epilog=_EXAMPLES,
+                                     formatter_class=_HelpFormatter)
+    groups = {title: parser.add_argument_group(title) for title in OPTION_GROUPS}
+    group_of = {name: groups[title] for title, names in OPTION_GROUPS.items() for name in names}
+
+    def add_option(_parser, *flags: str, **kwargs):
+        name = kwargs["dest"]
+        if name not in group_of:
+            raise LookupError(f"setting {name!r} is in no OPTION_GROUPS section of service/settings.py")
+        field = Settings.model_fields[name]
+        kwargs["help"] = option_help(name, field)
+        if "metavar" in kwargs:  # flags (--solo-all-cores / --no-solo-all-cores) take no value
+            kwargs["metavar"] = value_word(field.annotation)
+        return group_of[name].add_argument(*flags, **kwargs)
+
+    return parser, add_option
+
+
 def load_settings(argv: list[str] | None = None) -> Settings:
     """Settings from the environment, overridden by command-line options when `argv` is given."""
     if argv is None:
         return Settings()
-    return Settings(_cli_parse_args=argv)
+    parser, add_option = command_line_parser()
+    source = CliSettingsSource(Settings, root_parser=parser, add_argument_method=add_option)
+    return Settings(_cli_settings_source=source(args=argv))
