@@ -3,6 +3,7 @@ import re
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,19 @@ def test_device_cuda_without_a_cuda_provider_refuses_to_start(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "no CUDA provider" in result.stdout + result.stderr
+
+
+def test_the_license_is_an_spdx_expression_and_building_warns_about_no_license(tmp_path):
+    """setuptools deprecated the `license = {text = ...}` table (a warning on every install); the SPDX string needs
+    setuptools >= 77, and the LICENSE file travels in the wheel."""
+    pytest.importorskip("setuptools", minversion="77")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())  # the metadata alone: no build/ in the checkout
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", "dist", "."],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "license" not in (result.stdout + result.stderr).lower()
+    dist_info = f"vitserve-{PYPROJECT['project']['version']}.dist-info"
+    with zipfile.ZipFile(next((tmp_path / "dist").glob("vitserve-*.whl"))) as wheel:
+        assert "License-Expression: Apache-2.0" in wheel.read(f"{dist_info}/METADATA").decode()
+        assert "Apache License" in wheel.read(f"{dist_info}/licenses/LICENSE").decode()
