@@ -63,7 +63,7 @@ def make_contender(kind: str, model: BuiltModel, variant: str, jpegs: list[bytes
     if base == "raw":
         return RawOrt(model, variant, jpegs, max_batch=raw_max_batch, sweep_s=sweep_s, device=device)
     gpu = ["--device", "cuda"] if device == "cuda" else []
-    log = logs / f"{model.preset}-{variant}-{kind}.log"
+    log = logs / f"{model.preset}-{variant}-{kind}.log".replace("/", "_").replace(" ", "_")
     if base in ("vitserve", "vitserve-nobatch"):
         argv = [str(Path(sys.executable).with_name("vit-serve")), "--repo", str(model.repo), "--variant", variant,
                 "--log-level", "warning", "--port"]
