@@ -80,9 +80,12 @@ clean:
 
 # ---- Containers (see README, "Deployment") ----
 DOCKER_IMAGE ?= vitserve:latest
-LOCAL_DOCKER ?= ../shared/tools/local-docker
-# Use the engine the environment points at; if none answers, start the local one (../shared/tools/local-docker).
-DOCKER_ENV = docker info >/dev/null 2>&1 || { $(LOCAL_DOCKER) up >&2 && eval "$$($(LOCAL_DOCKER) env)"; };
+# The Docker engine is the one `docker info` reaches (the local daemon, or DOCKER_HOST). Optional: LOCAL_DOCKER=PATH
+# names a helper that starts an engine when none answers (`PATH up`, then `eval "$(PATH env)"` for DOCKER_HOST).
+LOCAL_DOCKER ?=
+DOCKER_ENV = docker info >/dev/null 2>&1 || { \
+	if [ -z "$(LOCAL_DOCKER)" ]; then echo "no Docker engine answers 'docker info': start one or set DOCKER_HOST" >&2; exit 1; fi; \
+	$(LOCAL_DOCKER) up >&2 && eval "$$($(LOCAL_DOCKER) env)"; };
 
 .PHONY: docker-build docker-test
 

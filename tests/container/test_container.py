@@ -45,7 +45,7 @@ def compose(*args: str, env: dict, check: bool = True, timeout: float = 600) -> 
 @pytest.fixture(scope="module", autouse=True)
 def engine():
     if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
-        pytest.skip("no Docker engine answers (make docker-test starts ../shared/tools/local-docker)")
+        pytest.skip("no Docker engine answers `docker info` (start one, or set DOCKER_HOST)")
     if not (MODELS / "demo-classifier").is_dir():
         pytest.skip(f"no demo model repository in {MODELS}: run `make models` first")
 
