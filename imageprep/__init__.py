@@ -24,10 +24,11 @@ from .resize import (
     RESAMPLING,
     ResizeSpec,
     resize_for_model,
+    source_box,
 )
 
 __all__ = [
     "DEFAULT_CROP_FRACTION", "DEFAULT_INTERPOLATION", "MAX_INTERMEDIATE_FACTOR", "RESAMPLING", "SUPPORTED_FORMATS",
     "SUPPORTED_NAMES", "ImageDecodeError", "ImageError", "ImageLimits", "ImageTooLarge", "ResizeSpec", "decode_bytes",
-    "decode_path", "prepare", "resize_for_model", "to_rgb",
+    "decode_path", "prepare", "resize_for_model", "source_box", "to_rgb",
 ]

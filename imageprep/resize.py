@@ -58,15 +58,27 @@ def resize_for_model(image: Image.Image, spec: ResizeSpec) -> np.ndarray:
         image = image.convert("RGB")
     height, width = spec.height, spec.width
     if image.size != (width, height):
-        scale = max(height / spec.crop_fraction / image.height, width / spec.crop_fraction / image.width)
-        new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-        left, top = (new_w - width) // 2, (new_h - height) // 2
+        scale, (new_w, new_h), (left, top) = _cover_and_crop(image.width, image.height, spec)
         if new_w * new_h <= MAX_INTERMEDIATE_FACTOR * width * height:
             image = image.resize((new_w, new_h), RESAMPLING[spec.interpolation]).crop((left, top, left + width, top + height))
         else:
             # An extreme aspect ratio (say 1x20000) would need a huge intermediate image: resample only the
             # source region that the crop keeps, straight to (W, H). Slightly different pixels from the
             # intermediate route, but bounded memory, and the same rule for training evaluation and serving.
-            box = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
-            image = image.resize((width, height), RESAMPLING[spec.interpolation], box=box)
+            image = image.resize((width, height), RESAMPLING[spec.interpolation], box=source_box(image.width, image.height, spec))
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
+def source_box(width: int, height: int, spec: ResizeSpec) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom): the region of a width x height image that the model sees, in its own pixels."""
+    if (width, height) == (spec.width, spec.height):
+        return 0.0, 0.0, float(width), float(height)
+    scale, _, (left, top) = _cover_and_crop(width, height, spec)
+    return left / scale, top / scale, (left + spec.width) / scale, (top + spec.height) / scale
+
+
+def _cover_and_crop(width: int, height: int, spec: ResizeSpec) -> tuple[float, tuple[int, int], tuple[int, int]]:
+    """The scale that makes the image cover (H, W) / crop_fraction, the scaled size, and the crop's top-left corner."""
+    scale = max(spec.height / spec.crop_fraction / height, spec.width / spec.crop_fraction / width)
+    new_w, new_h = max(spec.width, round(width * scale)), max(spec.height, round(height * scale))
+    return scale, (new_w, new_h), ((new_w - spec.width) // 2, (new_h - spec.height) // 2)

@@ -65,6 +65,23 @@ def prepare_image(data: bytes, spec: ResizeSpec, limits: imageprep.ImageLimits, 
         return imageprep.prepare(data, spec, limits, index=index, draft=draft)
 
 
+@dataclass(frozen=True)
+class SourceImage:
+    """The upload as decoded (upright RGB, full scale) and the region of it the model saw, for pictures drawn at
+    the upload's own size."""
+    image: Image.Image
+    box: tuple[float, float, float, float]  # (left, top, right, bottom) in the image's pixels
+
+
+def prepare_image_with_source(data: bytes, spec: ResizeSpec, limits: imageprep.ImageLimits, *,
+                              index: int = 0) -> tuple[np.ndarray, SourceImage]:
+    """As prepare_image, keeping the decoded upload too. Decoded at full scale (no JPEG draft), since the
+    pictures are drawn at the upload's size; the model's pixels then follow the same resize rule from it."""
+    with _as_service_errors():
+        image = imageprep.decode_bytes(data, limits, index=index)
+        return imageprep.resize_for_model(image, spec), SourceImage(image, imageprep.source_box(image.width, image.height, spec))
+
+
 def encode_png(pixels: np.ndarray) -> bytes:
     """uint8 (H, W, 3) -> PNG bytes; fast compression, since these go straight back to the client."""
     pixels = np.asarray(pixels)

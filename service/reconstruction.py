@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from .errors import InvalidParameter
 
@@ -70,3 +71,45 @@ def full_reconstruction(pixels: np.ndarray, predicted: np.ndarray, patch: int, m
     grid_h, grid_w = height // patch, width // patch
     image = image.reshape(grid_h, grid_w, patch, patch, 3).swapaxes(1, 2).reshape(height, width, 3)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+# --- pictures at the upload's own size -----------------------------------------------------------------------
+
+MAX_PICTURE_SIDE = 2048  # a 40-megapixel PNG would take seconds to encode and megabytes to send
+OUTSIDE_FADE = 0.5  # pixels outside the region the model saw are faded this far toward grey
+
+
+def pictures_at_source_size(image: Image.Image, box: tuple[float, float, float, float], mask: np.ndarray,
+                            predicted: np.ndarray, patch: int) -> dict[str, np.ndarray]:
+    """The masked input, the reconstruction and the composite drawn over the upload itself (longer side at most
+    MAX_PICTURE_SIDE): inside the region the model saw (`box`), hidden patches are grey / predicted (upscaled from
+    the model's size), visible ones keep the upload's own pixels; outside it, the upload faded, since the model
+    never saw those pixels. predicted: (H, W, 3) uint8 at the model's size, every patch as the decoder saw it."""
+    image, box = _capped(image, box)
+    base = np.asarray(image, dtype=np.float32)
+    left, top = int(round(box[0])), int(round(box[1]))
+    right, bottom = min(image.width, int(round(box[2]))), min(image.height, int(round(box[3])))
+    seen_w, seen_h = right - left, bottom - top
+    upscaled = np.asarray(Image.fromarray(predicted).resize((seen_w, seen_h), Image.Resampling.BICUBIC), dtype=np.float32)
+    grid_h, grid_w = predicted.shape[0] // patch, predicted.shape[1] // patch
+    rows = np.minimum(np.arange(seen_h) * grid_h // seen_h, grid_h - 1)
+    cols = np.minimum(np.arange(seen_w) * grid_w // seen_w, grid_w - 1)
+    hidden = (mask.reshape(grid_h, grid_w)[rows[:, None], cols[None, :]] > 0.5)[..., None]  # (seen_h, seen_w, 1)
+    seen = base[top:bottom, left:right]
+    faded = base * (1 - OUTSIDE_FADE) + MASKED_GREY * OUTSIDE_FADE
+
+    def over_faded(inside: np.ndarray) -> np.ndarray:
+        picture = faded.copy()
+        picture[top:bottom, left:right] = inside
+        return np.clip(np.rint(picture), 0, 255).astype(np.uint8)
+
+    return {"masked": over_faded(np.where(hidden, MASKED_GREY, seen)), "reconstruction": over_faded(upscaled),
+            "composite": over_faded(np.where(hidden, upscaled, seen))}
+
+
+def _capped(image: Image.Image, box: tuple[float, float, float, float]) -> tuple[Image.Image, tuple[float, ...]]:
+    factor = MAX_PICTURE_SIDE / max(image.size)
+    if factor >= 1:
+        return image, box
+    size = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+    return image.resize(size, Image.Resampling.BILINEAR), tuple(v * factor for v in box)

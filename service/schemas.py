@@ -1,7 +1,7 @@
 """Request parameters and response bodies (pydantic): they validate input and document the API in OpenAPI."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -38,6 +38,9 @@ class ReconstructParams(CommonParams):
     seed: int | None = Field(None, ge=0, description="makes the random mask reproducible")
     visible: list[int] | None = Field(None, description="patch indices to keep visible (row-major); instead of mask_ratio")
     masked: list[int] | None = Field(None, description="patch indices to hide, the rest stays visible; instead of mask_ratio")
+    size: Literal["model", "input"] = Field("model", description="pictures at the model's input size, or drawn over "
+                                            "the upload at its own size (longer side at most 2048): the region the "
+                                            "model saw holds the upscaled reconstruction, the rest is faded")
 
     _lists = field_validator("visible", "masked", mode="before")(_index_list)
 
@@ -94,9 +97,9 @@ class EmbedResponse(BaseModel):
 class ReconstructResult(BaseModel):
     masked_png: str = Field(description="base64 PNG: the input with masked patches grey")
     reconstruction_png: str = Field(description="base64 PNG: every patch as the decoder predicted it")
-    composite_png: str = Field(description="base64 PNG: visible patches from the input, masked ones reconstructed. All "
-                               "pictures are at the model's input size: the model sees only the centre crop of the "
-                               "upload, resized to that size, and has nothing to say about the pixels it never saw")
+    composite_png: str = Field(description="base64 PNG: visible patches from the input, masked ones reconstructed. At "
+                               "the model's input size unless size=input: the model sees only the centre crop of the "
+                               "upload, resized, so an upscaled reconstruction adds no detail the model predicted")
     mask: list[int] = Field(description="per patch, row-major: 1 = masked (reconstructed), 0 = visible")
     mse: float = Field(description="mean squared error over the masked patches, in the model's target space")
 

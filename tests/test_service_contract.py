@@ -3,15 +3,19 @@ newer format is refused with the reason on /readyz, label names in /models, and 
 refused with a message that says what to send instead. Real `vit-serve` process, real HTTP."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from model.data import SYNTHETIC_CLASSES
 from modelrepo.names import METADATA_FILE
-from serving_harness import Server, assert_error, files, shapes
+from serving_harness import Server, assert_error, files, png_bytes, shapes
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +92,22 @@ def test_an_image_in_a_wrongly_named_part_says_which_name_is_expected(client):
     mixed = [("file", ("a.png", image, "image/png")), ("photo", ("b.png", image, "image/png"))]
     error = assert_error(client.post("/classify", files=mixed), 422, "invalid_parameter")
     assert "'photo'" in error["message"]
+
+
+def test_pictures_at_the_upload_size_keep_its_pixels_where_visible_and_fade_what_the_model_never_saw(client):
+    upload = np.random.default_rng(3).integers(0, 256, (60, 80, 3), dtype=np.uint8)  # 80x60, the model takes 16x16
+    body = client.post("/reconstruct", files=files([png_bytes(upload)]), data={"masked": "0", "size": "input"}).json()
+    [result] = body["results"]
+    pictures = {name: np.asarray(Image.open(io.BytesIO(base64.b64decode(result[f"{name}_png"]))))
+                for name in ("masked", "reconstruction", "composite")}
+    assert all(p.shape == upload.shape for p in pictures.values())
+    faded = np.rint(upload.astype(np.float32) * 0.5 + 64).astype(np.uint8)
+    assert (pictures["composite"][0, 0] == faded[0, 0]).all()  # the corner lies outside the centre crop
+    assert (pictures["composite"][40, 60] == upload[40, 60]).all()  # inside, on a visible patch: the upload itself
+    assert (pictures["masked"][5, 15] == 128).all()  # inside, on patch 0, the hidden one
+    assert not (pictures["composite"][5, 15] == upload[5, 15]).all()
+    png = client.post("/reconstruct", files=files([png_bytes(upload)]), data={"size": "input", "seed": "1"},
+                      headers={"Accept": "image/png"})
+    assert png.headers["content-type"] == "image/png" and Image.open(io.BytesIO(png.content)).size == (80, 60)
+    at_model_size = client.post("/reconstruct", files=files([png_bytes(upload)]), headers={"Accept": "image/png"})
+    assert Image.open(io.BytesIO(at_model_size.content)).size == (16, 16)

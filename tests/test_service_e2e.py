@@ -166,7 +166,7 @@ def test_bad_classify_requests_get_the_envelope_and_status(client, kwargs, statu
     [({"mask_ratio": "1.5"}, "invalid_parameter"), ({"mask_ratio": "0"}, "invalid_parameter"),
      ({"visible": "0,99"}, "invalid_parameter"), ({"visible": "1,1"}, "invalid_parameter"),
      ({"visible": "0", "masked": "1"}, "invalid_parameter"), ({"masked": ",".join(map(str, range(16)))}, "invalid_parameter"),
-     ({"seed": "-1"}, "invalid_parameter")],
+     ({"seed": "-1"}, "invalid_parameter"), ({"size": "huge"}, "invalid_parameter")],
 )
 def test_bad_reconstruct_parameters_are_422(client, data, kind):
     assert_error(client.post("/reconstruct", files=files(shapes(1)), data=data), 422, kind)

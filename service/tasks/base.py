@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from modelrepo import Task
 
+from ..images import SourceImage
 from ..schemas import CommonParams
 
 if TYPE_CHECKING:
@@ -18,6 +19,13 @@ if TYPE_CHECKING:
 
 JSON = "application/json"
 Item = dict[str, np.ndarray]  # one image's inputs or outputs, by tensor name
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One uploaded image, decoded and resized for the model; the decoded upload too when the handler asked for it."""
+    pixels: np.ndarray  # (H, W, 3) uint8 at the model's input size
+    source: SourceImage | None = None
 
 
 @dataclass
@@ -33,14 +41,18 @@ class TaskHandler:
     # Responses that take real CPU (PNG encoding) are built in the decode threads, off the event loop.
     respond_off_loop: ClassVar[bool] = False
 
+    def keeps_source(self, params: Any) -> bool:
+        """Whether the answer needs the decoded uploads themselves, not only the model's pixels."""
+        return False
+
     def media_type(self, accept: str, images: int) -> str:
         """The answer's media type for this Accept header, decided before any work (raises NotAcceptable)."""
         return JSON
 
-    def batch_work(self, pixels: list[np.ndarray], params: Any, model: ServedModel) -> BatchWork:
-        return BatchWork([{model.metadata.inputs[0].name: p} for p in pixels])
+    def batch_work(self, images: list[PreparedImage], params: Any, model: ServedModel) -> BatchWork:
+        return BatchWork([{model.metadata.inputs[0].name: image.pixels} for image in images])
 
-    def respond(self, model: ServedModel, params: Any, pixels: list[np.ndarray], outputs: list[Item],
+    def respond(self, model: ServedModel, params: Any, images: list[PreparedImage], outputs: list[Item],
                 media_type: str) -> Response:
         raise NotImplementedError
 

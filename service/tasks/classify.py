@@ -9,14 +9,14 @@ from fastapi.responses import Response
 from modelrepo.names import LOGITS
 
 from .. import schemas
-from .base import Item, TaskHandler, json_response
+from .base import Item, PreparedImage, TaskHandler, json_response
 
 
 class ClassifyHandler(TaskHandler):
     task = "classify"
     params_type = schemas.ClassifyParams
 
-    def respond(self, model: Any, params: schemas.ClassifyParams, pixels: list[np.ndarray], outputs: list[Item],
+    def respond(self, model: Any, params: schemas.ClassifyParams, images: list[PreparedImage], outputs: list[Item],
                 media_type: str) -> Response:
         labels = model.labels
         results = []

@@ -9,14 +9,14 @@ from fastapi.responses import Response
 from modelrepo.names import EMBEDDING
 
 from .. import schemas
-from .base import Item, TaskHandler, json_response
+from .base import Item, PreparedImage, TaskHandler, json_response
 
 
 class EmbedHandler(TaskHandler):
     task = "embed"
     params_type = schemas.EmbedParams
 
-    def respond(self, model: Any, params: schemas.EmbedParams, pixels: list[np.ndarray], outputs: list[Item],
+    def respond(self, model: Any, params: schemas.EmbedParams, images: list[PreparedImage], outputs: list[Item],
                 media_type: str) -> Response:
         vectors = np.stack([out[EMBEDDING] for out in outputs]).astype(np.float32)
         if params.normalize:

@@ -12,8 +12,8 @@ from modelrepo.names import IMAGES, KEEP, LOSS, MASK, NOISE, PATCHES, RECONSTRUC
 from .. import schemas
 from ..errors import NotAcceptable
 from ..images import encode_png
-from ..reconstruction import choose_mask, full_reconstruction, masked_input
-from .base import JSON, BatchWork, Item, TaskHandler, json_response
+from ..reconstruction import choose_mask, full_reconstruction, masked_input, pictures_at_source_size
+from .base import JSON, BatchWork, Item, PreparedImage, TaskHandler, json_response
 
 PNG = "image/png"
 _JSON_OK = (JSON, "application/*", "*/*")
@@ -23,6 +23,9 @@ class ReconstructHandler(TaskHandler):
     task = "reconstruct"
     params_type = schemas.ReconstructParams
     respond_off_loop = True
+
+    def keeps_source(self, params: schemas.ReconstructParams) -> bool:
+        return params.size == "input"
 
     def media_type(self, accept: str, images: int) -> str:
         """Accept: image/png answers the composite of ONE image as a PNG; several images need JSON."""
@@ -36,35 +39,35 @@ class ReconstructHandler(TaskHandler):
         raise NotAcceptable(f"Accept: {PNG} answers one image; this request has {images}. "
                             f"Send one image, or accept {JSON} for all of them")
 
-    def batch_work(self, pixels: list[np.ndarray], params: schemas.ReconstructParams, model: Any) -> BatchWork:
-        noise, keep = choose_mask(len(pixels), model.metadata.num_patches, mask_ratio=params.mask_ratio, seed=params.seed,
+    def batch_work(self, images: list[PreparedImage], params: schemas.ReconstructParams, model: Any) -> BatchWork:
+        noise, keep = choose_mask(len(images), model.metadata.num_patches, mask_ratio=params.mask_ratio, seed=params.seed,
                                   visible=params.visible, masked=params.masked)
         # one `keep` per batch: it is the batch key, so only requests with the same visible count share a batch
-        items = [{IMAGES: p, NOISE: n, KEEP: np.asarray(keep, dtype=np.int64)} for p, n in zip(pixels, noise)]
+        items = [{IMAGES: image.pixels, NOISE: n, KEEP: np.asarray(keep, dtype=np.int64)} for image, n in zip(images, noise)]
         return BatchWork(items, batch_key=keep)
 
-    def respond(self, model: Any, params: schemas.ReconstructParams, pixels: list[np.ndarray], outputs: list[Item],
+    def respond(self, model: Any, params: schemas.ReconstructParams, images: list[PreparedImage], outputs: list[Item],
                 media_type: str) -> Response:
-        if media_type == PNG:
-            return Response(encode_png(outputs[0][RECONSTRUCTION]), media_type=PNG)
         meta = model.metadata
-        results = [self._result(image, out, meta) for image, out in zip(pixels, outputs)]
-        visible = int(outputs[0][MASK].size - outputs[0][MASK].sum()) if outputs else 0
+        pictures = [self._pictures(image, out, meta) for image, out in zip(images, outputs)]
+        if media_type == PNG:
+            return Response(encode_png(pictures[0]["composite"]), media_type=PNG)
+        results = [{"masked_png": _png64(p["masked"]), "reconstruction_png": _png64(p["reconstruction"]),
+                    "composite_png": _png64(p["composite"]), "mask": [int(v > 0.5) for v in out[MASK]], "mse": float(out[LOSS])}
+                   for p, out in zip(pictures, outputs)]
+        visible = int(outputs[0][MASK].size - outputs[0][MASK].sum())
         return json_response(schemas.ReconstructResponse(model=model.name, version=model.version, grid=list(meta.grid),
                                                          patch_size=meta.patch_size, visible_patches=visible, results=results))
 
     @staticmethod
-    def _result(image: np.ndarray, out: Item, meta: Any) -> dict:
-        mask, norm = out[MASK], meta.normalization
-        full = full_reconstruction(image, out[PATCHES], meta.patch_size, norm.mean, norm.std, meta.reconstruction.norm_pix_loss)
-        return {
-            "masked_png": _b64(encode_png(masked_input(image, mask, meta.patch_size))),
-            "reconstruction_png": _b64(encode_png(full)),
-            "composite_png": _b64(encode_png(out[RECONSTRUCTION])),
-            "mask": [int(v > 0.5) for v in mask],
-            "mse": float(out[LOSS]),
-        }
+    def _pictures(image: PreparedImage, out: Item, meta: Any) -> dict[str, np.ndarray]:
+        """masked / reconstruction / composite, at the model's size, or drawn over the upload when it was kept."""
+        norm, patch = meta.normalization, meta.patch_size
+        full = full_reconstruction(image.pixels, out[PATCHES], patch, norm.mean, norm.std, meta.reconstruction.norm_pix_loss)
+        if image.source is not None:
+            return pictures_at_source_size(image.source.image, image.source.box, out[MASK], full, patch)
+        return {"masked": masked_input(image.pixels, out[MASK], patch), "reconstruction": full, "composite": out[RECONSTRUCTION]}
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+def _png64(pixels: np.ndarray) -> str:
+    return base64.b64encode(encode_png(pixels)).decode("ascii")
