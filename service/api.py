@@ -18,8 +18,9 @@ from .runtime import RuntimeStartError, cuda_available
 from .settings import Settings
 from .state import ServedModel, ServiceState
 from .tasks import HANDLERS
+from .v2 import HEALTH_PATHS as V2_HEALTH_PATHS, v2_router
 
-OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect", *V2_HEALTH_PATHS}
 ERRORS = {"model": schemas.ErrorResponse}
 ERROR_RESPONSES = {code: ERRORS for code in (400, 401, 404, 406, 413, 415, 422, 503, 504)}
 
@@ -78,6 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def reconstruct(request: Request) -> Response:
         return await serve_task(request, state, HANDLERS["reconstruct"])
 
+    app.include_router(v2_router(state))  # the Open Inference Protocol (KServe V2) on the same models
     return app
 
 

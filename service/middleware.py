@@ -11,6 +11,7 @@ import uuid
 
 from .errors import PayloadTooLarge, ServiceError, Unauthorized
 from .metrics import Metrics
+from .v2.errors import error_body_for
 
 access_log = logging.getLogger("vitserve.access")
 log = logging.getLogger("vitserve")
@@ -47,13 +48,15 @@ class RequestContextMiddleware:
             declared = 0
         try:
             if declared > self.max_body_bytes:
-                await _send_error(send_with_id, PayloadTooLarge(f"request body is {declared} bytes; the limit is {self.max_body_bytes}"))
+                await _send_error(send_with_id, PayloadTooLarge(f"request body is {declared} bytes; the limit is {self.max_body_bytes}"),
+                                  scope["path"])
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
         except Exception:  # noqa: BLE001 - whatever escaped the app is still answered, counted and logged
             log.exception("unexpected error in request %s", request_id)
             if not started_response["sent"]:
-                await _send_error(send_with_id, ServiceError(f"unexpected error; see the server log for request {request_id}"))
+                await _send_error(send_with_id, ServiceError(f"unexpected error; see the server log for request {request_id}"),
+                                  scope["path"])
         elapsed = time.perf_counter() - started
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
@@ -80,8 +83,8 @@ class RequestContextMiddleware:
         return receive_limited
 
 
-async def _send_error(send, error: ServiceError) -> None:
-    body = json.dumps(error.body()).encode()
+async def _send_error(send, error: ServiceError, path: str) -> None:
+    body = json.dumps(error_body_for(path, error)).encode()  # each protocol's error shape
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
@@ -101,6 +104,6 @@ class ApiKeyMiddleware:
             auth = headers.get("authorization", "")
             given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key")
             if given is None or not hmac.compare_digest(given.encode(), self.key):
-                await _send_error(send, Unauthorized("missing or wrong API key (Authorization: Bearer <key> or X-API-Key)"))
+                await _send_error(send, Unauthorized("missing or wrong API key (Authorization: Bearer <key> or X-API-Key)"), scope["path"])
                 return
         await self.app(scope, receive, send)

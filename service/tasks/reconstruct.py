@@ -42,6 +42,11 @@ class ReconstructHandler(TaskHandler):
     def batch_work(self, images: list[PreparedImage], params: schemas.ReconstructParams, model: Any) -> BatchWork:
         noise, keep = choose_mask(len(images), model.metadata.num_patches, mask_ratio=params.mask_ratio, seed=params.seed,
                                   visible=params.visible, masked=params.masked)
+        return self.masked_work(images, noise, keep)
+
+    @staticmethod
+    def masked_work(images: list[PreparedImage], noise: np.ndarray, keep: int) -> BatchWork:
+        """The graph's inputs for a chosen mask (noise (N, L), keep); also for protocols that send the mask itself."""
         # one `keep` per batch: it is the batch key, so only requests with the same visible count share a batch
         items = [{IMAGES: image.pixels, NOISE: n, KEEP: np.asarray(keep, dtype=np.int64)} for image, n in zip(images, noise)]
         return BatchWork(items, batch_key=keep)

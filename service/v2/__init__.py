@@ -1,0 +1,16 @@
+"""The Open Inference Protocol (KServe V2) over REST, with Triton's binary tensor data and classification extensions.
+
+    rest.py      the router: /v2, /v2/health/{live,ready}, /v2/models/{name}[/versions/{v}][/ready|/infer]
+    infer.py     an inference request, top-down, on the vitserve task handlers, batchers and limits
+    inputs.py    input tensors against the model's V2 inputs -> the task handler's batch work
+    outputs.py   requested outputs (JSON or binary, classification) -> the response
+    metadata.py  a served model as V2 describes it; the `image_bytes` input (encoded images)
+    messages.py  the request's JSON and its parameters
+    tensors.py   V2 datatypes <-> NumPy; tensor data in JSON and in binary
+    binary.py    the body: JSON header + binary part (Inference-Header-Content-Length), Content-Encoding
+    errors.py    {"error": "<message>"} for every failure of a V2 route
+"""
+from .errors import PREFIX, v2_error_body
+from .rest import HEALTH_PATHS, v2_router
+
+__all__ = ["HEALTH_PATHS", "PREFIX", "v2_error_body", "v2_router"]
