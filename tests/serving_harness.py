@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,8 +52,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         environment = {**os.environ, "VITSERVE_INTRA_OP_THREADS": "1", "VITSERVE_DECODE_THREADS": "2",
                        **{f"VITSERVE_{k.upper()}": v for k, v in env.items()}}
+        # The log goes to a file: a pipe nobody reads fills after ~64 KB of access lines and blocks the server.
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="vit-serve-", suffix=".log")
         self.process = subprocess.Popen([VIT_SERVE, "--repo", str(repo), "--port", str(self.port)], env=environment,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                        stdout=self.log, stderr=subprocess.STDOUT, text=True)
         if wait:
             self.wait_ready()
 
@@ -63,7 +66,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"vit-serve exited: {self.process.stdout.read()}")
+                raise RuntimeError(f"vit-serve exited: {self.output()}")
             try:
                 if condition():
                     return
@@ -78,7 +81,11 @@ class Server:
         try:
             return self.process.wait(timeout=30)
         finally:
-            self.process.stdout.close()
+            self.log.close()
+
+    def output(self) -> str:
+        """Everything the server has logged so far."""
+        return Path(self.log.name).read_text()
 
 
 def png_bytes(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
