@@ -6,21 +6,23 @@ import contextlib
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import schemas
+from .docs import DOC_PATHS, install_docs
 from .errors import BadRequest, InvalidParameter, MethodNotAllowed, NotFound, ServiceError
 from .inference import serve_task
 from .metrics import Metrics
 from .middleware import ApiKeyMiddleware, RequestContextMiddleware
+from .openapi import METRICS_RESPONSE, PNG_RESPONSE, install_openapi, task_operation
 from .runtime import RuntimeStartError, cuda_available
 from .settings import Settings
 from .state import ServedModel, ServiceState
 from .tasks import HANDLERS
 from .v2 import HEALTH_PATHS as V2_HEALTH_PATHS, v2_router
 
-OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect", *V2_HEALTH_PATHS}
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json", *DOC_PATHS, *V2_HEALTH_PATHS}
 ERRORS = {"model": schemas.ErrorResponse}
 ERROR_RESPONSES = {code: ERRORS for code in (400, 401, 404, 406, 413, 415, 422, 503, 504)}
 
@@ -40,25 +42,28 @@ def create_app(settings: Settings) -> FastAPI:
             await loading
         await state.drain()
 
-    app = FastAPI(title="vitserve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="vitserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Vision Transformer inference: classification, embeddings and MAE reconstruction.")
     app.state.service = state
     if settings.api_key is not None:  # added first: runs inside the request context (counted, logged, X-Request-ID)
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=OPEN_PATHS)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     _install_error_handlers(app)
+    install_docs(app)  # /docs and /redoc with their assets served from the package, not a CDN
+    install_openapi(app, OPEN_PATHS, api_key=settings.api_key is not None)
 
     @app.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: 200 while the process serves")
     async def healthz() -> dict:
         return {"status": "alive"}
 
-    @app.api_route("/readyz", methods=["GET", "HEAD"], summary="Readiness: 200 when every model is loaded and warmed")
+    @app.api_route("/readyz", methods=["GET", "HEAD"], summary="Readiness: 200 when every model is loaded and warmed",
+                   responses={503: {"description": "Not ready: loading, a model failed to load, or draining (see `reasons`)"}})
     async def readyz() -> JSONResponse:
         reasons = (["the server is shutting down"] if state.draining else []) + state.problems
         body = {"status": "ready" if not reasons else "not_ready", "reasons": reasons, "models": sorted(state.models)}
         return JSONResponse(body, status_code=200 if not reasons else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse, responses={200: METRICS_RESPONSE})
     async def metrics_endpoint() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -66,16 +71,19 @@ def create_app(settings: Settings) -> FastAPI:
     async def models() -> dict:
         return {"models": [describe_model(m, settings) for m in sorted(state.models.values(), key=lambda m: m.name)]}
 
-    @app.post("/classify", response_model=schemas.ClassifyResponse, responses=ERROR_RESPONSES, summary="Top-k labels per image")
+    @app.post("/classify", response_model=schemas.ClassifyResponse, responses=ERROR_RESPONSES, summary="Top-k labels per image",
+              openapi_extra=task_operation(HANDLERS["classify"], settings.max_images_per_request))
     async def classify(request: Request) -> Response:
         return await serve_task(request, state, HANDLERS["classify"])
 
-    @app.post("/embed", response_model=schemas.EmbedResponse, responses=ERROR_RESPONSES, summary="One embedding vector per image")
+    @app.post("/embed", response_model=schemas.EmbedResponse, responses=ERROR_RESPONSES, summary="One embedding vector per image",
+              openapi_extra=task_operation(HANDLERS["embed"], settings.max_images_per_request))
     async def embed(request: Request) -> Response:
         return await serve_task(request, state, HANDLERS["embed"])
 
-    @app.post("/reconstruct", response_model=schemas.ReconstructResponse, responses=ERROR_RESPONSES,
-              summary="MAE reconstruction of masked patches (Accept: image/png for the composite of one image)")
+    @app.post("/reconstruct", response_model=schemas.ReconstructResponse, responses={**ERROR_RESPONSES, 200: PNG_RESPONSE},
+              summary="MAE reconstruction of masked patches (Accept: image/png for the composite of one image)",
+              openapi_extra=task_operation(HANDLERS["reconstruct"], settings.max_images_per_request))
     async def reconstruct(request: Request) -> Response:
         return await serve_task(request, state, HANDLERS["reconstruct"])
 

@@ -21,26 +21,31 @@ def _index_list(value: Any) -> Any:
 
 class CommonParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str | None = Field(None, description="model name, when the repository holds several for this task")
-    timeout_ms: int | None = Field(None, ge=1, description="deadline for this request; at most the server's default")
+    model: str | None = Field(None, description="model name, when the repository holds several for this task "
+                               "(GET /models lists them; default: the first by name)")
+    timeout_ms: int | None = Field(None, ge=1, description="deadline for this request; at most the server's default",
+                                   examples=[2000])
 
 
 class ClassifyParams(CommonParams):
-    top_k: int = Field(5, ge=1, description="labels to return per image")
+    top_k: int = Field(5, ge=1, description="labels to return per image", examples=[3])
 
 
 class EmbedParams(CommonParams):
-    normalize: bool = Field(True, description="L2-normalise each embedding")
+    normalize: bool = Field(True, description="L2-normalise each embedding", examples=[False])
 
 
 class ReconstructParams(CommonParams):
-    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0, description="share of patches hidden from the encoder")
-    seed: int | None = Field(None, ge=0, description="makes the random mask reproducible")
-    visible: list[int] | None = Field(None, description="patch indices to keep visible (row-major); instead of mask_ratio")
-    masked: list[int] | None = Field(None, description="patch indices to hide, the rest stays visible; instead of mask_ratio")
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0, description="share of patches hidden from the encoder", examples=[0.5])
+    seed: int | None = Field(None, ge=0, description="makes the random mask reproducible", examples=[0])
+    visible: list[int] | None = Field(None, description="patch indices to keep visible (row-major); instead of mask_ratio",
+                                      examples=[[0, 1, 2, 3]])
+    masked: list[int] | None = Field(None, description="patch indices to hide, the rest stays visible; instead of mask_ratio",
+                                     examples=[[5, 6, 9, 10]])
     size: Literal["model", "input"] = Field("model", description="pictures at the model's input size, or drawn over "
                                             "the upload at its own size (longer side at most 2048): the region the "
-                                            "model saw holds the upscaled reconstruction, the rest is faded")
+                                            "model saw holds the upscaled reconstruction, the rest is faded",
+                                            examples=["input"])
 
     _lists = field_validator("visible", "masked", mode="before")(_index_list)
 
