@@ -1,7 +1,8 @@
-# vitserve CPU serving image: onnxruntime + FastAPI (the `serve` extra), no torch, non-root, tini as PID 1.
+# vitserve CPU serving image: onnxruntime + FastAPI (the `serve` extra) and gRPC (the `grpc` extra), no torch,
+# non-root, tini as PID 1. HTTP on 8000; the Open Inference Protocol over gRPC on 8001 (VITSERVE_GRPC_PORT=0: off).
 #
 #   docker build -t vitserve .                                   # no model inside: mount one at /models
-#   docker run --rm -p 8000:8000 -v "$PWD/models:/models:ro" vitserve
+#   docker run --rm -p 8000:8000 -p 8001:8001 -v "$PWD/models:/models:ro" vitserve
 #   docker build --build-arg MODELS=models -t vitserve:demo .    # bake ./models (run `make models` first)
 #
 # Settings are VITSERVE_* environment variables (README, "Configuration"); `docker run IMAGE vit-serve --help`.
@@ -12,15 +13,15 @@ FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Dependencies first, read from pyproject's `serve` extra, so that a code change does not reinstall them.
+# Dependencies first, read from pyproject's `serve` and `grpc` extras, so that a code change does not reinstall them.
 COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['serve']))" > requirements-serve.txt \
+RUN python -c "import tomllib; extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print('\n'.join(extras['serve'] + extras['grpc']))" > requirements-serve.txt \
  && /opt/venv/bin/pip install --no-cache-dir -r requirements-serve.txt
 # Only the service and the torch-free packages under it are copied: model/ and export/ (torch) never enter the image.
 COPY modelrepo/ modelrepo/
 COPY imageprep/ imageprep/
 COPY service/ service/
-RUN /opt/venv/bin/pip install --no-cache-dir ".[serve]" \
+RUN /opt/venv/bin/pip install --no-cache-dir ".[serve,grpc]" \
  && /opt/venv/bin/pip uninstall --yes setuptools pip \
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
 
@@ -45,6 +46,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     VITSERVE_REPO=/models \
     VITSERVE_HOST=0.0.0.0 \
     VITSERVE_PORT=8000 \
+    VITSERVE_GRPC_PORT=8001 \
     VITSERVE_DEVICE=cpu \
     VITSERVE_WORKERS=1 \
     VITSERVE_DRAIN_TIMEOUT_S=30 \
@@ -52,7 +54,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000
+EXPOSE 8000 8001
 # Healthy = /readyz answers 200 (models loaded and warmed; 503 while loading or draining).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "/usr/local/lib/vitserve/healthcheck.py"]

@@ -35,8 +35,14 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI):
         if settings.device == "cuda" and not cuda_available():  # refuse to start rather than serve on the wrong device
             raise RuntimeStartError("--device cuda, but this onnxruntime has no CUDA provider (install the gpu extra: onnxruntime-gpu)")
+        grpc_server = None
+        if settings.grpc_port:  # imported only then: without the port, grpc need not be installed
+            from .v2.grpc_service import start_grpc_server
+            grpc_server = await start_grpc_server(state)
         loading = asyncio.create_task(state.load())  # /healthz answers while models load; /readyz says why not ready
         yield
+        if grpc_server is not None:  # its calls in flight finish before the batchers drain
+            await grpc_server.stop(settings.drain_timeout_s)
         loading.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loading

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -54,6 +55,14 @@ def _decode_and_prepare(data: bytes | str, model: ServedModel, state: ServiceSta
 async def infer(request: Request, state: ServiceState, model: ServedModel, items: list[Item], timeout_ms: int | None,
                 batch_key=None) -> list[Item]:
     """Queue the items on the model's batcher under the request's deadline (counted from its arrival)."""
+    return await submit(state, model, items, timeout_ms, arrived=request.scope["state"]["arrived"],
+                        is_disconnected=request.is_disconnected, batch_key=batch_key)
+
+
+async def submit(state: ServiceState, model: ServedModel, items: list[Item], timeout_ms: int | None, *, arrived: float,
+                 is_disconnected: Callable[[], Awaitable[bool]] | None, batch_key=None) -> list[Item]:
+    """`infer` for any protocol: `arrived` is the request's time.monotonic() at arrival; the server's deadline caps
+    the request's own."""
     budget_ms = min(timeout_ms or state.settings.timeout_ms, state.settings.timeout_ms)
-    deadline = request.scope["state"]["arrived"] + budget_ms / 1000
-    return await model.batcher.submit(items, deadline=deadline, is_disconnected=request.is_disconnected, batch_key=batch_key)
+    return await model.batcher.submit(items, deadline=arrived + budget_ms / 1000, is_disconnected=is_disconnected,
+                                      batch_key=batch_key)

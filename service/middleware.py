@@ -26,8 +26,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        given = headers.get("x-request-id", "")
-        request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+        request_id = request_id_from(headers.get("x-request-id", ""))
         started = time.perf_counter()
         # the request's deadline counts from here: decoding time is part of the budget
         scope.setdefault("state", {}).update(request_id=request_id, arrived=time.monotonic())
@@ -62,11 +61,8 @@ class RequestContextMiddleware:
         template = getattr(route, "path", None) or "unmatched"
         self.metrics.requests.labels(template, scope["method"], str(status["code"])).inc()
         self.metrics.latency.labels(template).observe(elapsed)
-        line = {"request_id": request_id, "method": scope["method"], "route": template, "path": scope["path"],
-                "status": status["code"], "duration_ms": round(elapsed * 1000, 2), "client": (scope.get("client") or ["-"])[0]}
-        # the message is the line a person reads; the fields are the keys of the JSON line (service.logs)
-        access_log.info("%s %s %d %.2f ms request %s client %s", line["method"], line["path"], line["status"],
-                        line["duration_ms"], request_id, line["client"], extra={"fields": line})
+        log_access(request_id, scope["method"], template, scope["path"], status["code"], elapsed,
+                   (scope.get("client") or ["-"])[0])
 
     def _limited(self, receive):
         """Count body bytes as they arrive: a chunked body without Content-Length is capped too."""
@@ -81,6 +77,33 @@ class RequestContextMiddleware:
             return message
 
         return receive_limited
+
+
+def request_id_from(given: str) -> str:
+    """The client's request id when it is safe to log and echo, else a new one."""
+    return given if _SAFE_ID.match(given) else uuid.uuid4().hex
+
+
+def log_access(request_id: str, method: str, route: str, path: str, status: int, elapsed_s: float, client: str) -> None:
+    """One access line per request, whatever the protocol."""
+    line = {"request_id": request_id, "method": method, "route": route, "path": path, "status": status,
+            "duration_ms": round(elapsed_s * 1000, 2), "client": client}
+    # the message is the line a person reads; the fields are the keys of the JSON line (service.logs)
+    access_log.info("%s %s %d %.2f ms request %s client %s", method, path, status, line["duration_ms"], request_id,
+                    client, extra={"fields": line})
+
+
+def api_key_given(headers: dict[str, str]) -> str | None:
+    """The key a request presents (`Authorization: Bearer <key>` or `X-API-Key`); `headers` with lowercase names."""
+    auth = headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key")
+
+
+def key_matches(given: str | None, key: bytes) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), key)
+
+
+WRONG_KEY = "missing or wrong API key (Authorization: Bearer <key> or X-API-Key)"
 
 
 async def _send_error(send, error: ServiceError, path: str) -> None:
@@ -101,9 +124,7 @@ class ApiKeyMiddleware:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.open_paths:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            auth = headers.get("authorization", "")
-            given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key")
-            if given is None or not hmac.compare_digest(given.encode(), self.key):
-                await _send_error(send, Unauthorized("missing or wrong API key (Authorization: Bearer <key> or X-API-Key)"), scope["path"])
+            if not key_matches(api_key_given(headers), self.key):
+                await _send_error(send, Unauthorized(WRONG_KEY), scope["path"])
                 return
         await self.app(scope, receive, send)

@@ -3,6 +3,7 @@ the command line (`--max-batch-size 16`); the command line wins. Nothing else re
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import types
 import typing
@@ -35,13 +36,18 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    grpc_port: int | None = Field(None, ge=1, le=65535, description="port for the Open Inference Protocol over gRPC "
+                                  "(KServe V2 / Triton, whose gRPC port is 8001); 0 or empty: off. Off by default "
+                                  "because it needs the grpc extra (pip install 'vitserve[grpc]') and opens a second "
+                                  "port; the container images turn it on at 8001 (default: off)")
     workers: int = Field(1, ge=1, description="server processes (each loads every model)")
     api_key: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>' or 'X-API-Key'; "
                                       "probes and metrics stay open (default: none, no key needed)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued and running work may take, in seconds")
 
     timeout_ms: int = Field(30_000, ge=1, description="default per-request deadline (a request may ask for less)")
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body; larger ones get 413")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body; larger ones get 413 "
+                                "(and the largest gRPC message: RESOURCE_EXHAUSTED)")
     max_images_per_request: int = Field(32, ge=1, description="more images in one request get 413; must not exceed "
                                         "--max-queue-images")
     max_pixels: int = Field(40_000_000, ge=1, description="per image, checked before decoding")
@@ -80,12 +86,31 @@ class Settings(BaseSettings):
             raise ValueError(f"model repository {repo} is not a directory (create one with vit-export)")
         return repo
 
+    @field_validator("grpc_port", mode="before")
+    @classmethod
+    def _zero_or_empty_is_off(cls, port: object) -> object:
+        return None if isinstance(port, (int, str)) and str(port).strip() in ("", "0") else port
+
+    @field_validator("grpc_port")
+    @classmethod
+    def _grpc_needs_its_extra(cls, port: int | None) -> int | None:
+        if port is not None and any(importlib.util.find_spec(name) is None for name in ("grpc", "google.protobuf")):
+            raise ValueError("serving gRPC needs the grpc extra (grpcio, protobuf), which is not installed: "
+                             "pip install 'vitserve[grpc]', or leave the gRPC port unset")
+        return port
+
     @field_validator("api_key")
     @classmethod
     def _an_empty_key_is_a_mistake(cls, key: SecretStr | None) -> SecretStr | None:
         if key is not None and not key.get_secret_value().strip():
             raise ValueError("VITSERVE_API_KEY is set but empty; unset it to serve without a key")
         return key
+
+    @model_validator(mode="after")
+    def _one_port_per_protocol(self) -> "Settings":
+        if self.grpc_port is not None and self.grpc_port == self.port:
+            raise ValueError(f"the gRPC port and the HTTP port are both {self.port}; give each its own")
+        return self
 
     @model_validator(mode="after")
     def _a_request_must_fit_the_queue(self) -> "Settings":
@@ -121,7 +146,7 @@ class Settings(BaseSettings):
 # The sections of `vit-serve --help`, in order; every field is in exactly one.
 OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "model repository": ("repo", "models", "pin_versions", "variant", "device"),
-    "HTTP server": ("host", "port", "workers", "api_key", "drain_timeout_s"),
+    "server": ("host", "port", "grpc_port", "workers", "api_key", "drain_timeout_s"),
     "request limits": ("timeout_ms", "max_body_bytes", "max_images_per_request", "max_pixels"),
     "batching": ("max_batch_size", "max_delay_ms", "max_queue_images", "instances"),
     "CPU threads": ("intra_op_threads", "solo_all_cores", "intra_op_spin_us", "decode_threads"),
@@ -132,7 +157,8 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
 _VALUE_WORDS = {Path: "PATH", str: "TEXT", int: "N", float: "NUMBER", SecretStr: "SECRET"}
 
 _DESCRIPTION = """\
-Serve the models of a model repository (written by vit-export) over HTTP.
+Serve the models of a model repository (written by vit-export) over HTTP,
+and over gRPC with --grpc-port.
 
 Every option is also an environment variable, VITSERVE_<OPTION>, e.g.
 VITSERVE_MAX_BATCH_SIZE=16; the command line wins. Lists take commas or JSON

@@ -55,7 +55,7 @@ def _exported_sample_names():
 
 def test_the_cpu_image_installs_the_serving_extra_only():
     runs = " ".join(args for op, args in _instructions(ROOT / "Dockerfile") if op == "RUN")
-    assert '".[serve]"' in runs
+    assert '".[serve,grpc]"' in runs  # the grpc extra too: the image serves the Open Inference Protocol over gRPC
     assert not re.search(r"\.\[[^\]]*(train|export|gpu|dev|reference)", runs)
     assert "torch" not in runs
     copies = [args for op, args in _instructions(ROOT / "Dockerfile") if op == "COPY"]
@@ -74,13 +74,13 @@ def test_the_cpu_image_starts_from_slim_python_and_has_the_production_basics():
     assert any(op == "COPY" and "--from=builder" in a for op, a in final), "the runtime stage copies the built venv"
     user = next(a for op, a in final if op == "USER")
     assert user.split(":")[0] not in {"0", "root"}
-    assert next(a for op, a in final if op == "EXPOSE").split()[0] == "8000"
+    assert next(a for op, a in final if op == "EXPOSE").split() == ["8000", "8001"]  # HTTP, gRPC
     healthcheck = next(a for op, a in final if op == "HEALTHCHECK")
     assert "CMD [" in healthcheck, "exec form"
     assert "/readyz" in (ROOT / "docker" / "healthcheck.py").read_text()
     assert "tini" in next(a for op, a in final if op == "ENTRYPOINT"), "an init forwards SIGTERM to the server"
     env = " ".join(a for op, a in final if op == "ENV")
-    for setting in ("VITSERVE_HOST=0.0.0.0", "VITSERVE_REPO=/models", "VITSERVE_PORT=8000"):
+    for setting in ("VITSERVE_HOST=0.0.0.0", "VITSERVE_REPO=/models", "VITSERVE_PORT=8000", "VITSERVE_GRPC_PORT=8001"):
         assert setting in env
 
 
@@ -105,7 +105,7 @@ def test_the_compose_service_has_healthcheck_port_read_only_models_and_limits():
     assert "profiles" not in service, "the service must start with a plain `docker-compose up`"
     assert "/readyz" in (ROOT / "docker" / "healthcheck.py").read_text()
     assert service["healthcheck"]["test"][:2] == ["CMD", "python"]
-    assert any(str(p).endswith(":8000") for p in service["ports"])
+    assert any(str(p).endswith(":8000") for p in service["ports"]) and any(str(p).endswith(":8001") for p in service["ports"])
     assert "./models:/models:ro" in service["volumes"]
     assert service["restart"] in {"unless-stopped", "always", "on-failure"}
     assert {"cpus", "memory"} <= set(service["deploy"]["resources"]["limits"])

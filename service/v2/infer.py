@@ -1,26 +1,28 @@
 """POST /v2/models/{name}[/versions/{v}]/infer, top-down: body -> JSON header and binary part -> checks (outputs,
 inputs, limits, queue admission) -> tensors -> images (pixels as sent, or decoded like /classify) -> the task
 handler's batch work -> the model's batcher under the request's deadline -> the V2 response. The same handlers,
-batchers, limits, deadlines and metrics as the vitserve API."""
+batchers, limits, deadlines and metrics as the vitserve API. The middle (`infer_tensors`, from the checks to the
+batcher) is shared with gRPC (grpc_service.py); only reading the body and writing the answer are REST's."""
 from __future__ import annotations
 
 import asyncio
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from ..errors import NotFound, NotReady
-from ..inference import infer, prepare_images
+from ..inference import prepare_images, submit
 from ..state import ServedModel, ServiceState
 from ..tasks import PreparedImage
+from ..tasks.base import Item
 from .binary import HEADER_LENGTH, decoded_body, split_body
-from .inputs import batch_work, check_inputs, convert_inputs
-from .messages import int_parameter, parse_request
-from .outputs import encode_response, plan_outputs
+from .inputs import batch_work, check_inputs, model_inputs, tensor_data
+from .messages import InferenceRequest, RequestInput, int_parameter, parse_request
+from .outputs import OutputPlan, encode_response, plan_outputs
 
 T = TypeVar("T")
 # Large JSON (a header carrying pixel data, a response carrying patches) is read or written in the decode threads, so
@@ -47,28 +49,41 @@ def served_model(state: ServiceState, name: str, version: str | None) -> ServedM
 
 async def serve_infer(request: Request, state: ServiceState, name: str, version: str | None) -> Response:
     model = served_model(state, name, version)
-    settings = state.settings
-    body = decoded_body(await request.body(), request.headers.get("content-encoding"), settings.max_body_bytes)
+    body = decoded_body(await request.body(), request.headers.get("content-encoding"), state.settings.max_body_bytes)
     header_length = request.headers.get(HEADER_LENGTH)
     header, binary = split_body(body, header_length)
     has_binary_part = header_length is not None
     large = len(header) > LARGE_JSON_BYTES
 
-    parsed = await _run(state, large, parse_request, header, has_binary_part)
+    parsed = await run(state, large, parse_request, header, has_binary_part)
+    plans, outputs = await infer_tensors(state, model, parsed, lambda given: tensor_data(given, binary, has_binary_part),
+                                         off_loop=large, arrived=request.scope["state"]["arrived"],
+                                         is_disconnected=request.is_disconnected)
+    json_elements = sum(outputs[0][plan.name].size for plan in plans if not plan.binary) * len(outputs)
+    return await run(state, json_elements > LARGE_JSON_OUTPUT_ELEMENTS,
+                     lambda: encode_response(parsed, model, plans, outputs).to_response())
+
+
+async def infer_tensors(state: ServiceState, model: ServedModel, parsed: InferenceRequest,
+                        read_tensors: Callable[[dict[str, RequestInput]], dict], *, off_loop: bool, arrived: float,
+                        is_disconnected: Callable[[], Awaitable[bool]] | None,
+                        timeout_ms: int | None = None) -> tuple[list[OutputPlan], list[Item]]:
+    """The middle of an inference, for any protocol: checks (outputs, inputs, limits, queue admission), the protocol's
+    `read_tensors` (each checked input's data), images, the model's batcher. `timeout_ms`: the protocol's own deadline
+    (a gRPC deadline), besides Triton's `timeout` parameter; the server's caps both."""
     plans = plan_outputs(parsed, model)
-    given, batch = check_inputs(parsed, model, settings.max_images_per_request)
+    given, batch = check_inputs(parsed, model, state.settings.max_images_per_request)
     model.batcher.check_capacity(batch)  # refused now, before any tensor is converted or image decoded
-    inputs = await _run(state, large, convert_inputs, parsed, given, batch, binary, has_binary_part, model)
+    inputs = await run(state, off_loop, lambda: model_inputs(parsed, read_tensors(given), batch, model))
     if inputs.pixels is not None:
         images = [PreparedImage(pixels) for pixels in inputs.pixels]
     else:
         images = await prepare_images(state, model, inputs.encoded)
     work = batch_work(model, inputs, images)
-    outputs = await infer(request, state, model, work.items, _timeout_ms(parsed.parameters), work.batch_key)
-
-    json_elements = sum(outputs[0][plan.name].size for plan in plans if not plan.binary) * len(outputs)
-    return await _run(state, json_elements > LARGE_JSON_OUTPUT_ELEMENTS,
-                      lambda: encode_response(parsed, model, plans, outputs).to_response())
+    budgets = [ms for ms in (_timeout_ms(parsed.parameters), timeout_ms) if ms]
+    outputs = await submit(state, model, work.items, min(budgets, default=None), arrived=arrived,
+                           is_disconnected=is_disconnected, batch_key=work.batch_key)
+    return plans, outputs
 
 
 def _timeout_ms(parameters: dict) -> int | None:
@@ -77,7 +92,8 @@ def _timeout_ms(parameters: dict) -> int | None:
     return math.ceil(microseconds / 1000) if microseconds else None
 
 
-async def _run(state: ServiceState, off_loop: bool, function: Callable[..., T], *args) -> T:
+async def run(state: ServiceState, off_loop: bool, function: Callable[..., T], *args) -> T:
+    """`function(*args)`, in the decode threads when `off_loop` (large work that would hold up the event loop)."""
     if not off_loop:
         return function(*args)
     return await asyncio.get_running_loop().run_in_executor(state.decode_pool, functools.partial(function, *args))

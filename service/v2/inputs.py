@@ -60,10 +60,9 @@ def check_inputs(request: InferenceRequest, model: ServedModel, max_images: int)
     return given, batch
 
 
-def convert_inputs(request: InferenceRequest, given: dict[str, RequestInput], batch: int, binary: memoryview,
-                   has_binary_part: bool, model: ServedModel) -> ModelInputs:
-    """The checked inputs' data, from JSON or from the binary part, as arrays (encoded images stay undecoded)."""
-    data = _tensor_data(given, binary, has_binary_part)
+def model_inputs(request: InferenceRequest, data: dict, batch: int, model: ServedModel) -> ModelInputs:
+    """The checked inputs' data (arrays; lists of encoded images, which stay undecoded), read by the protocol's own
+    `tensor_data`, as the model's inputs."""
     inputs = ModelInputs(batch, seed=int_parameter(request.parameters, "seed", "request"))
     if IMAGES in data:
         inputs.pixels = data[IMAGES]
@@ -95,7 +94,8 @@ def _fits(shape: Sequence[int], expected: Sequence[int]) -> bool:
     return len(shape) == len(expected) and all(e == BATCH or s == e for s, e in zip(shape, expected))
 
 
-def _tensor_data(given: dict[str, RequestInput], binary: memoryview, has_binary_part: bool) -> dict:
+def tensor_data(given: dict[str, RequestInput], binary: memoryview, has_binary_part: bool) -> dict:
+    """Over REST: each input's data, from the JSON header or from the binary part after it."""
     sizes = []
     for tensor in given.values():
         size = int_parameter(tensor.parameters, BINARY_SIZE, f"input '{tensor.name}'")

@@ -51,9 +51,7 @@ def encode_response(request: InferenceRequest, model: ServedModel, plans: list[O
     """The requested outputs, stacked over the request's images, in JSON or after the header in binary."""
     tensors, binary = [], []
     for plan in plans:
-        values = np.stack([item[plan.name] for item in outputs])
-        if plan.classes is not None:
-            values = classifications(values, model.labels, plan.classes)
+        values = output_values(model, plan, outputs)
         tensor = {"name": plan.name, "datatype": datatype_of(values.dtype), "shape": list(values.shape)}
         if plan.binary:
             raw = tensor_to_binary(values)
@@ -66,6 +64,12 @@ def encode_response(request: InferenceRequest, model: ServedModel, plans: list[O
     if request.id is not None:
         header["id"] = request.id
     return EncodedResponse(header, binary)
+
+
+def output_values(model: ServedModel, plan: OutputPlan, outputs: list[Item]) -> np.ndarray:
+    """One requested output over the request's images: (B, ...), or its top-N classifications."""
+    values = np.stack([item[plan.name] for item in outputs])
+    return values if plan.classes is None else classifications(values, model.labels, plan.classes)
 
 
 def classifications(logits: np.ndarray, labels: tuple[str, ...], count: int) -> np.ndarray:

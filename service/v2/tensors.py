@@ -52,7 +52,7 @@ def tensor_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) 
         bad = next((type(e).__name__ for e in elements if not isinstance(e, str)), None)
         if bad is not None:
             raise BadRequest(f"input '{name}': BYTES data must be strings, found {bad}")
-        _check_count(name, shape, len(elements))
+        check_count(name, shape, len(elements))
         return elements
     try:
         values = np.asarray(data)
@@ -62,7 +62,7 @@ def tensor_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) 
         raise BadRequest(f"input '{name}': data is not a rectangular array of numbers (or holds numbers beyond 64 bits)")
     if values.ndim > 1 and tuple(values.shape) != tuple(shape):
         raise BadRequest(f"input '{name}': nested data has shape {list(values.shape)}, the input declares {list(shape)}")
-    _check_count(name, shape, values.size)
+    check_count(name, shape, values.size)
     target = NUMPY_OF[datatype]
     if values.size:
         _check_values_fit(name, datatype, values, target)
@@ -97,7 +97,7 @@ def _check_values_fit(name: str, datatype: str, values: np.ndarray, target: np.d
                              f"({limits.min}..{limits.max})")
 
 
-def _check_count(name: str, shape: Sequence[int], count: int) -> None:
+def check_count(name: str, shape: Sequence[int], count: int) -> None:
     expected = element_count(shape)
     if count != expected:
         raise BadRequest(f"input '{name}': shape {list(shape)} holds {expected} elements, the data has {count}")
@@ -109,12 +109,12 @@ def tensor_from_binary(name: str, datatype: str, shape: Sequence[int], raw: memo
     """The input's binary data -> an array of `shape` viewing `raw` (a flat list of bytes for BYTES)."""
     if datatype == BYTES:
         elements = split_bytes_elements(name, raw)
-        _check_count(name, shape, len(elements))
+        check_count(name, shape, len(elements))
         return elements
     dtype = NUMPY_OF[datatype]
     needed = element_count(shape) * dtype.itemsize
     if len(raw) != needed:
-        raise BadRequest(f"input '{name}': binary_data_size is {len(raw)} bytes, but shape {list(shape)} of "
+        raise BadRequest(f"input '{name}': {len(raw)} bytes of binary data, but shape {list(shape)} of "
                          f"{datatype} is {needed} bytes")
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
