@@ -1,5 +1,5 @@
-"""Serving benchmark: vit-serve against raw onnxruntime, itself without batching, a naive FastAPI + PyTorch server
-and LitServe, all on the same exported model, side by side in one run.
+"""Serving benchmark: vit-serve (its REST API, and the Open Inference Protocol) against raw onnxruntime, itself
+without batching, a naive FastAPI + PyTorch server and LitServe, all on the same exported model, side by side in one run.
 
     python -m bench --models vit-tiny,vit-base --variants fp32,int8 --concurrency 1,4,16,32,64 \\
                     --duration 5 --rounds 3 --contenders raw,vitserve,vitserve-nobatch,naive,litserve --out bench/results

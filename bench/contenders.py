@@ -1,5 +1,7 @@
 """The contenders. Each serves the same exported model: raw onnxruntime in this process, the others as servers on
-127.0.0.1 that receive the same multipart JPEG requests. `start()`, then `run(...)` any number of times, `stop()`."""
+127.0.0.1 that receive the same JPEGs in multipart requests, or (`v2`, `v2-bytes`) over the Open Inference Protocol
+with binary tensors: the JPEGs as a BYTES tensor, or their pixels after the service's own decode and resize.
+`start()`, then `run(...)` any number of times, `stop()`."""
 from __future__ import annotations
 
 import http.client
@@ -16,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .loadgen import LoadGenerator, multipart_image, request_once
+from .loadgen import HttpRequest, LoadGenerator, multipart_image, request_once
+from .v2_requests import bytes_request, pixels_request
 from .workload import BuiltModel, cores, preprocess, service_session
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
-KINDS = ("raw", "vitserve", "vitserve-nobatch", "naive", "litserve")
+KINDS = ("raw", "vitserve", "vitserve-nobatch", "v2", "v2-bytes", "naive", "litserve")
 START_TIMEOUT_S = 180.0
 LITSERVE_MAX_BATCH_SIZE = 8
 # LitServe's batching docs and examples pair max_batch_size 8 with batch_timeout 0.05 s (its LitAPI docstring: 0.1).
@@ -64,25 +67,34 @@ def make_contender(kind: str, model: BuiltModel, variant: str, jpegs: list[bytes
         return RawOrt(model, variant, jpegs, max_batch=raw_max_batch, sweep_s=sweep_s, device=device)
     gpu = ["--device", "cuda"] if device == "cuda" else []
     log = logs / f"{model.preset}-{variant}-{kind}.log".replace("/", "_").replace(" ", "_")
+    vit_serve = [str(Path(sys.executable).with_name("vit-serve")), "--repo", str(model.repo), "--variant", variant,
+                 "--log-level", "warning", "--port"]
     if base in ("vitserve", "vitserve-nobatch"):
-        argv = [str(Path(sys.executable).with_name("vit-serve")), "--repo", str(model.repo), "--variant", variant,
-                "--log-level", "warning", "--port"]
         env = {"VITSERVE_MAX_BATCH_SIZE": "1"} if base == "vitserve-nobatch" else {}
         env["VITSERVE_DEVICE"] = device
-        return Server(kind, variant, argv, {**env, **settings}, "/readyz", "/classify", jpegs, log)
+        return Server(kind, variant, vit_serve, {**env, **settings}, "/readyz", _multipart("/classify", jpegs), log)
+    if base in ("v2", "v2-bytes"):  # the same vit-serve process and settings as `vitserve`, spoken to over V2
+        name = model.entry.name
+        requests = ([pixels_request(name, pixels) for pixels in preprocess(jpegs, model.entry)] if base == "v2"
+                    else [bytes_request(name, jpeg) for jpeg in jpegs])
+        return Server(kind, variant, vit_serve, {"VITSERVE_DEVICE": device}, "/v2/health/ready", requests, log)
     if base == "naive":
         _require("torch", "fastapi", "uvicorn", "multipart", hint="pip install -e '.[train,serve]'")
         if device == "cuda" and variant == "int8":
             raise Unavailable("PyTorch's dynamic int8 quantisation runs on the CPU only")
         argv = [sys.executable, "-m", "bench.naive_server", "--checkpoint", str(model.checkpoint),
                 *(["--int8"] if variant == "int8" else []), *(["--fp16"] if variant == "fp16" else []), *gpu, "--port"]
-        return Server(kind, variant, argv, {}, "/healthz", "/classify", jpegs, log)
+        return Server(kind, variant, argv, {}, "/healthz", _multipart("/classify", jpegs), log)
     if base == "litserve":
         _require("litserve", hint="pip install litserve")
         argv = [sys.executable, "-m", "bench.litserve_server", "--model-dir", str(model.version_dir), "--variant", variant,
                 "--max-batch-size", str(LITSERVE_MAX_BATCH_SIZE), "--batch-timeout", str(litserve_batch_timeout_s), *gpu, "--port"]
-        return Server(kind, variant, argv, {}, "/health", "/predict", jpegs, log)
+        return Server(kind, variant, argv, {}, "/health", _multipart("/predict", jpegs), log)
     raise AssertionError(base)
+
+
+def _multipart(path: str, jpegs: list[bytes]) -> list[HttpRequest]:
+    return [multipart_image(path, jpeg) for jpeg in jpegs]
 
 
 def _require(*modules: str, hint: str) -> None:
@@ -192,13 +204,12 @@ def _decode_cpu_ms(jpegs: list[bytes], entry, seconds: float) -> float:
 
 class Server:
     """A server process of ours or someone else's, started in its own session so that it and its children stop
-    together. `argv` ends with `--port`; the port is appended at start."""
+    together. `argv` ends with `--port`; the port is appended at start. `requests` are replayed in turn."""
 
     def __init__(self, kind: str, variant: str, argv: list[str], env: dict[str, str], ready_path: str,
-                 request_path: str, jpegs: list[bytes], log: Path) -> None:
+                 requests: list[HttpRequest], log: Path) -> None:
         self.kind, self.variant, self.argv, self.env = kind, variant, argv, env
-        self.ready_path, self.log = ready_path, log
-        self.requests = [multipart_image(request_path, jpeg) for jpeg in jpegs]
+        self.ready_path, self.log, self.requests = ready_path, log, requests
         self.process: subprocess.Popen | None = None
         self.info: dict = {}
 

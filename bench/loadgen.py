@@ -32,10 +32,12 @@ class HttpRequest:
     path: str
     body: bytes
     content_type: str
+    headers: tuple[tuple[str, str], ...] = ()  # beyond Host, Content-Type, Content-Length and Connection
 
     def raw(self, host: str, port: int) -> bytes:
+        extra = "".join(f"{name}: {value}\r\n" for name, value in self.headers)
         head = (f"POST {self.path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {self.content_type}\r\n"
-                f"Content-Length: {len(self.body)}\r\nConnection: keep-alive\r\n\r\n")
+                f"Content-Length: {len(self.body)}\r\n{extra}Connection: keep-alive\r\n\r\n")
         return head.encode("ascii") + self.body
 
 
@@ -50,7 +52,7 @@ def request_once(host: str, port: int, request: HttpRequest, timeout: float = 60
     """Send one request with http.client (checks, not measurements)."""
     connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        connection.request("POST", request.path, request.body, {"Content-Type": request.content_type})
+        connection.request("POST", request.path, request.body, {"Content-Type": request.content_type, **dict(request.headers)})
         response = connection.getresponse()
         return response.status, response.read()
     finally:

@@ -10,6 +10,7 @@ from pathlib import Path
 Key = tuple[str, str, str, int]  # model, variant, contender, concurrency
 # Below this many images per run, a count is coarse: a batching server completes images in bursts of up to its batch size.
 FEW_IMAGES = 80
+V2_CONTENDERS = ("v2", "v2-bytes")  # vit-serve over the Open Inference Protocol: pixels, encoded images
 
 
 def _median(values: list) -> float | None:
@@ -75,6 +76,14 @@ def ratios(samples: list[dict], models: list[str], variants: list[str]) -> list[
                 paired(samples, "vitserve / LitServe", model, 32, vs, ("litserve", variant)),
                 paired(samples, "vitserve / naive", model, 32, vs, ("naive", variant)),
             ]
+            for protocol in V2_CONTENDERS:  # the same server over V2: against the model's limit and against /classify
+                v2 = (protocol, variant)
+                wanted += [
+                    paired(samples, f"{protocol} / raw ORT", model, 16, v2, ("raw", variant)),
+                    paired(samples, f"{protocol} / vitserve", model, 16, v2, vs),
+                    paired(samples, f"{protocol} p50(c=1) - raw batch-1", model, 1, v2, ("raw", variant), "p50_ms", difference=True),
+                    paired(samples, f"{protocol} p50(c=1) / vitserve p50", model, 1, v2, vs, "p50_ms"),
+                ]
         # settings experiments (vitserve+name=value): against raw ORT and plain vitserve, same concurrency
         experiments = sorted({s["contender"] for s in samples if s["model"] == model and "+" in s["contender"]})
         for variant in variants:
@@ -149,7 +158,7 @@ def print_summary(results: dict) -> None:
     print("\nratios (median of per-round paired values):")
     for r in results["ratios"]:
         spread = ", ".join(fmt(v, 2) for v in r["per_round"])
-        print(f"  {r['model']:<10} c={r['concurrency']:<3} {r['name']:<32} {r['a']:>18} vs {r['b']:<18} "
+        print(f"  {r['model']:<10} c={r['concurrency']:<3} {r['name']:<36} {r['a']:>18} vs {r['b']:<18} "
               f"{fmt(r['value'], 2):>7} {r['unit']}  [{spread}]")
     print("\nphysical limit (CPU per image = inference at the best runners x batch, x cores + decode/resize; shared over the cores):")
     for row in results["physical_limits"]:

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ALWAYS = {"raw", "vitserve", "vitserve-nobatch"}  # need only what the project itself installs
+ALWAYS = {"raw", "vitserve", "vitserve-nobatch", "v2", "v2-bytes"}  # need only what the project itself installs
 OPTIONAL = {"naive": ("torch", "fastapi"), "litserve": ("litserve",)}  # skipped, with a reason, without their packages
 
 
 def test_smoke_benchmark_writes_json_and_png_with_every_contender(tmp_path):
     completed = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
-                               capture_output=True, text=True, timeout=60)
+                               capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
 
     [json_path] = tmp_path.glob("*.json")
@@ -37,6 +37,16 @@ def test_smoke_benchmark_writes_json_and_png_with_every_contender(tmp_path):
 
     names = {ratio["name"] for ratio in results["ratios"]}
     assert {"vitserve / raw ORT", "p50(c=1) - raw batch-1 latency", "int8 / fp32"} <= names
+    for protocol in ("v2", "v2-bytes"):  # the same server over V2, against raw ORT and /classify
+        assert {f"{protocol} / raw ORT", f"{protocol} / vitserve", f"{protocol} p50(c=1) / vitserve p50"} <= names
+    # the V2 requests carry the same image as /classify's (pixels after the service's own decode and resize, or the
+    # JPEG): the same classes come back, in the same order
+    servers = {(entry["contender"], entry["variant"]): entry["example_response"] for entry in results["servers"]}
+    classify = [p["index"] for p in servers[("vitserve", "fp32")]["results"][0]["predictions"]]
+    for protocol in ("v2", "v2-bytes"):
+        [output] = servers[(protocol, "fp32")]["outputs"]
+        assert output["name"] == "logits" and output["shape"] == [1, len(classify)]
+        assert [int(entry.split(":")[1]) for entry in output["data"]] == classify, protocol
     assert all(limit["limit_images_per_s"] > 0 for limit in results["physical_limits"])
     assert results["generator"]["ceiling"]["requests_per_s"] > 0
 
