@@ -1,7 +1,8 @@
 """The deployment files hold together: the Dockerfiles install the serving extra only and carry the production
 basics, the compose stack is complete, the Grafana dashboard only plots metrics the service exports, and the
-Kubernetes manifests are valid and drain cleanly. Fast and offline: no container engine needed (that is
-tests/container, `make docker-test`)."""
+Kubernetes manifests (plain and KServe) are valid and drain cleanly. Fast and offline: no container engine or cluster
+needed (that is tests/container, `make docker-test`)."""
+import copy
 import json
 import re
 from pathlib import Path
@@ -12,6 +13,8 @@ yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "docker" / "k8s"
+KSERVE_GROUP = "serving.kserve.io/"
+KSERVE_MANIFEST = "kserve-inferenceservice.yaml"
 
 
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -33,6 +36,10 @@ def _k8s_documents():
             continue
         docs += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
     return docs
+
+
+def _is_kserve(doc) -> bool:
+    return doc["apiVersion"].startswith(KSERVE_GROUP)
 
 
 def _one(kind):
@@ -154,19 +161,31 @@ def test_the_dashboard_plots_only_metrics_the_service_exports():
 
 # ---- Kubernetes ----
 
-def test_the_kubernetes_manifests_are_valid():
+def _kubernetes_problem(doc) -> str | None:
+    """What the Kubernetes API schema (strict: no unknown fields) finds wrong in `doc`, or None."""
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    docs = _k8s_documents()
+    try:
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+    except kubernetes_validate.ValidationError as error:  # its str() dumps the whole schema: keep the gist
+        where = "/".join(str(p) for p in getattr(error, "path", []))
+        return f"{doc['kind']} at {where or '/'}: {getattr(error, 'message', error)}"
+    return None
+
+
+def test_the_kubernetes_manifests_are_valid():
+    docs = [(name, doc) for name, doc in _k8s_documents() if not _is_kserve(doc)]
     assert {doc["kind"] for _, doc in docs} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap"}
-    version = kubernetes_validate.latest_version()
     for name, doc in docs:
-        try:
-            kubernetes_validate.validate(doc, version, strict=True)
-        except kubernetes_validate.ValidationError as error:  # its str() dumps the whole schema: keep the gist
-            where = "/".join(str(p) for p in getattr(error, "path", []))
-            pytest.fail(f"{name} ({doc['kind']}) at {where or '/'}: {getattr(error, 'message', error)}")
+        problem = _kubernetes_problem(doc)
+        assert problem is None, f"{name}: {problem}"
+
+
+def test_kustomize_applies_every_plain_manifest_and_leaves_kserve_out():
+    """`kubectl apply -k docker/k8s` must work on any cluster: a KServe kind there fails on clusters without KServe."""
     listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
-    assert sorted(listed) == sorted({name for name, _ in docs})
+    docs = _k8s_documents()
+    assert sorted(listed) == sorted({name for name, doc in docs if not _is_kserve(doc)})
+    assert KSERVE_MANIFEST in {name for name, doc in docs if _is_kserve(doc)}
 
 
 def test_the_deployment_probes_drains_and_runs_one_worker_per_pod():
@@ -194,3 +213,125 @@ def test_the_service_and_autoscaler_target_the_deployment():
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+# ---- KServe ----
+# kubernetes-validate knows only the core API, not KServe's CRD. The InferenceService is checked in two parts: KServe's
+# own fields against a schema written here from the KServe v1beta1 API reference (InferenceServiceSpec; PredictorSpec =
+# one implementation + ComponentExtensionSpec + an inline core PodSpec), and everything else in the predictor as the
+# core PodSpec it is inlined from, strictly, so that a field KServe does not have (the API server would silently
+# drop it) fails here.
+
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+COMPONENT_EXTENSION = {  # ComponentExtensionSpec: how KServe deploys and scales a component
+    "minReplicas": {"type": "integer", "minimum": 0}, "maxReplicas": {"type": "integer", "minimum": 0},
+    "scaleTarget": {"type": "integer", "minimum": 1}, "scaleMetric": {"enum": ["cpu", "memory", "concurrency", "rps"]},
+    "containerConcurrency": {"type": "integer", "minimum": 0}, "timeout": {"type": "integer", "minimum": 1},
+    "canaryTrafficPercent": {"type": "integer", "minimum": 0, "maximum": 100},
+    "logger": {"type": "object"}, "batcher": {"type": "object"}, "deploymentStrategy": {"type": "object"},
+    "labels": STRING_MAP, "annotations": STRING_MAP,
+}
+# PredictorSpec's one-of implementations (frameworks, and `model` for a ServingRuntime); a custom predictor gives none
+# of them, only PodSpec containers. protocolVersion and storageUri belong inside an implementation.
+IMPLEMENTATIONS = ("sklearn", "xgboost", "tensorflow", "pytorch", "triton", "onnx", "huggingface", "pmml", "lightgbm",
+                   "paddle", "model")
+PREDICTOR_ONLY = ("storageUris", "workerSpec")
+INFERENCE_SERVICE = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "serving.kserve.io/v1beta1"}, "kind": {"const": "InferenceService"},
+        "metadata": {"type": "object", "required": ["name"], "properties": {
+            # KServe refuses other names: they become DNS labels of the predictor's host
+            "name": {"type": "string", "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
+            "labels": STRING_MAP, "annotations": STRING_MAP}},
+        "spec": {"type": "object", "required": ["predictor"], "additionalProperties": False, "properties": {
+            "predictor": {"type": "object", "properties": {
+                **COMPONENT_EXTENSION, **{name: {"type": "object"} for name in IMPLEMENTATIONS},
+                "storageUris": {"type": "array", "minItems": 1}, "workerSpec": {"type": "object"}}},
+            "transformer": {"type": "object"}, "explainer": {"type": "object"}}},
+    },
+}
+KSERVE_CONTAINER = "kserve-container"  # the container KServe treats as the custom predictor
+PROTOCOLS = ("v1", "v2")  # a custom predictor's PROTOCOL (KServe's validateCustomProtocol)
+
+
+def _kserve_problems(doc) -> list[str]:
+    """What KServe (its CRD schema and its admission checks for a custom predictor) would refuse in `doc`."""
+    jsonschema = pytest.importorskip("jsonschema")
+    problems = [f"at {'/'.join(map(str, error.path)) or '/'}: {error.message}"
+                for error in jsonschema.Draft202012Validator(INFERENCE_SERVICE).iter_errors(doc)]
+    if problems:
+        return problems
+    predictor = doc["spec"]["predictor"]
+    pod_spec = {k: v for k, v in predictor.items() if k not in {*COMPONENT_EXTENSION, *IMPLEMENTATIONS, *PREDICTOR_ONLY}}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": doc["metadata"]["name"]}, "spec": pod_spec}
+    if problem := _kubernetes_problem(pod):
+        problems.append(f"the predictor's PodSpec: {problem}")
+    containers = pod_spec.get("containers", [])
+    # KServe's implementations: the frameworks given, plus a custom predictor when a container is named
+    # kserve-container (or, with no framework, the first container); there must be exactly one
+    implementations = [name for name in IMPLEMENTATIONS if name in predictor]
+    if any(c["name"] == KSERVE_CONTAINER for c in containers) or (containers and not implementations):
+        implementations.append("a custom predictor")
+    if len(implementations) != 1:
+        problems.append(f"exactly one implementation in a predictor, found {implementations or 'none'}")
+    if containers and implementations == ["a custom predictor"]:
+        protocol = {e["name"]: e.get("value") for e in containers[0].get("env", [])}.get("PROTOCOL")
+        if protocol is not None and protocol not in PROTOCOLS:
+            problems.append(f"PROTOCOL {protocol!r} is none of {PROTOCOLS}")
+    if predictor.get("maxReplicas") and predictor.get("minReplicas", 1) > predictor["maxReplicas"]:
+        problems.append("minReplicas > maxReplicas")
+    return problems
+
+
+def _inference_service():
+    return _one("InferenceService")
+
+
+def test_the_inference_service_is_valid_for_kserve():
+    assert _kserve_problems(_inference_service()) == []
+
+
+def _set_env(predictor, name: str, value: str) -> None:
+    env = predictor["containers"][0].setdefault("env", [])
+    env[:] = [e for e in env if e["name"] != name] + [{"name": name, "value": value}]
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda p: p.update(protocolVersion="v2"), "protocolVersion"),  # belongs to predictor.model, not a custom predictor
+    (lambda p: _set_env(p, "PROTOCOL", "v3"), "PROTOCOL"),
+    (lambda p: p["containers"][0].update(readinessProbe={"httpGet": {"path": "/v2/health/ready"}}), "port"),
+    (lambda p: p.update(minReplicas=11), "minReplicas > maxReplicas"),
+    (lambda p: p.update(scaleMetric="gpu"), "scaleMetric"),
+    (lambda p: p.update(model={"modelFormat": {"name": "onnx"}}), "exactly one implementation"),
+])
+def test_the_kserve_check_catches_what_kserve_would_refuse(change, fragment):
+    broken = copy.deepcopy(_inference_service())
+    change(broken["spec"]["predictor"])
+    problems = _kserve_problems(broken)
+    assert any(fragment in problem for problem in problems), problems
+
+
+def test_the_inference_service_speaks_v2_and_runs_the_pod_the_deployment_runs():
+    v2 = pytest.importorskip("service.v2")
+    service, deployment, config = _inference_service(), _one("Deployment"), _one("ConfigMap")
+    predictor, pod = service["spec"]["predictor"], deployment["spec"]["template"]["spec"]
+    [container], [reference] = predictor["containers"], pod["containers"]
+    assert container["name"] == KSERVE_CONTAINER
+    assert {"name": "PROTOCOL", "value": "v2"} in container["env"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] == "http", probe
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    paths = {container[p]["httpGet"]["path"] for p in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert paths <= v2.HEALTH_PATHS, "probes reach the service's V2 health endpoints (open without an API key)"
+    [port] = container["ports"]
+    assert port["name"] == "http" and str(port["containerPort"]) == config["data"]["VITSERVE_PORT"]
+    # the same image, settings, resources, models and hardening as the Deployment
+    for field in ("image", "envFrom", "resources", "volumeMounts", "securityContext", "lifecycle"):
+        assert container[field] == reference[field], field
+    for field in ("volumes", "securityContext", "terminationGracePeriodSeconds"):
+        assert predictor[field] == pod[field], field
+    annotations = service["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment", "the pod keeps preStop and its drain"
+    assert predictor["minReplicas"] <= predictor["maxReplicas"]
