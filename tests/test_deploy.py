@@ -335,3 +335,5 @@ def test_the_inference_service_speaks_v2_and_runs_the_pod_the_deployment_runs():
     annotations = service["metadata"]["annotations"]
     assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment", "the pod keeps preStop and its drain"
     assert predictor["minReplicas"] <= predictor["maxReplicas"]
+    budget = _one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"]
+    assert budget.items() <= predictor["labels"].items(), "pdb.yaml also guards the predictor's pods"
