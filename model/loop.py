@@ -10,7 +10,6 @@ import contextlib
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +17,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from . import distributed
 from .checkpoints import load_checkpoint, save_checkpoint
@@ -26,6 +24,7 @@ from .data import load_dataset
 from .optim import build_optimizer, build_scheduler
 from .plots import plot_curves
 from .presets import ConfigError
+from .progress import Progress
 from .tasks import Task, image_size_of
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -125,10 +124,14 @@ class Optimisation:
 def run(args: argparse.Namespace, task: Task) -> dict[str, Any]:
     """Train `task` as `args` say, in this process (one rank of torchrun or alone); the summary."""
     ctx = distributed.setup(args.device)
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed + ctx.rank)
     try:
         return train(args, task, ctx)
     finally:
+        torch.set_num_threads(threads_before)  # a caller in the same process (a test, a notebook) keeps its setting
         distributed.teardown()
 
 
@@ -165,7 +168,6 @@ def train(args: argparse.Namespace, task: Task, ctx: distributed.DistContext) ->
     log = MetricsLog(out / "metrics.jsonl", ctx.is_main, start_step if resumed else None)
     save_every = args.save_every or schedule.steps_per_epoch
     eval_every = args.eval_every or schedule.steps_per_epoch
-    show_progress = ctx.is_main and not args.quiet
 
     def checkpoint(step: int) -> None:
         if ctx.is_main:
@@ -182,12 +184,12 @@ def train(args: argparse.Namespace, task: Task, ctx: distributed.DistContext) ->
         distributed.barrier(ctx)
         return result
 
-    if show_progress:
-        tqdm.write(f"{task.name}: {type(model).__name__} at {image_size[0]}x{image_size[1]}, {len(data.train)} training images, "
-                   f"{schedule.total_steps} steps of {args.batch_size} on {ctx.device}"
-                   + (f" x {ctx.world_size} processes" if ctx.distributed else "") + f" -> {out}", file=sys.stderr)
-    step, started = start_step, time.perf_counter()
-    progress = tqdm(total=schedule.total_steps, initial=step, disable=not show_progress, desc=task.name, dynamic_ncols=True)
+    threads = torch.get_num_threads()
+    progress = Progress(args.progress if ctx.is_main else "off", task.name, schedule.total_steps, start_step)
+    progress.say(f"{type(model).__name__} at {image_size[0]}x{image_size[1]} on {ctx.device}"
+                 + (f" x {ctx.world_size} processes" if ctx.distributed else f", {threads} thread{'s' if threads > 1 else ''}")
+                 + f"; {len(data.train)} training images, {schedule.total_steps} steps of {args.batch_size} -> {out}")
+    step = start_step
     last_val: dict[str, float] = {}
     while step < schedule.total_steps:
         epoch, done_in_epoch = divmod(step, schedule.steps_per_epoch)
@@ -201,23 +203,21 @@ def train(args: argparse.Namespace, task: Task, ctx: distributed.DistContext) ->
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr or check the data")
             optimisation.step(loss)
             step += 1
-            progress.update(1)
+            train_loss = None
             if step % LOG_EVERY == 0 or step == schedule.total_steps:
                 train_loss = distributed.mean_across_ranks(loss.item(), ctx)
                 log.add({"split": "train", "step": step, "epoch": epoch, "loss": train_loss, "lr": optimisation.lr})
-                progress.set_postfix(loss=f"{train_loss:.4f}", **{f"val_{k}": f"{v:.4f}" for k, v in last_val.items()})
+            progress.step(step, train_loss, last_val)
             if step % eval_every == 0 or step == schedule.total_steps:
-                last_val = validate(step, time.perf_counter() - started)
-                if show_progress:
-                    progress.write(f"step {step}/{schedule.total_steps} ({time.perf_counter() - started:.0f} s): "
-                                   + ", ".join(f"val {k} {v:.4f}" for k, v in last_val.items()), file=sys.stderr)
+                last_val = validate(step, progress.elapsed())
+                progress.validated(step, last_val)
             if step % save_every == 0 or step == schedule.total_steps:
                 checkpoint(step)
             if step >= schedule.total_steps:
                 break
     progress.close()
 
-    summary: dict[str, Any] = {"task": task.name, "steps": step, "train_seconds": round(time.perf_counter() - started, 1)}
+    summary: dict[str, Any] = {"task": task.name, "steps": step, "train_seconds": round(progress.elapsed(), 1)}
     if ctx.is_main:
         summary.update({f"val_{k}": v for k, v in (last_val or validate(step, 0.0)).items()})
         summary["checkpoint"] = str(checkpoint_path)

@@ -103,6 +103,8 @@ class MAEConfig:
             )
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.encoder.stem != "linear":
+            raise ConfigError("the MAE encoder needs the linear stem: a convolutional stem overlaps patches and would see the masked pixels")
         if not self.encoder.class_token:
             raise ConfigError("the MAE encoder needs a class token")
         if self.encoder.fc_norm or self.encoder.pooling == "map":
@@ -146,8 +148,10 @@ VIT_PRESETS: dict[str, ViTConfig] = {
     "vit-base": _vit(768, 12, 12),
     "vit-large": _vit(1024, 24, 16),
     "vit-huge": _vit(1280, 32, 16, patch=14),
-    # Small sizes for the demo (32x32 synthetic images) and for fast tests.
-    "vit-demo": _vit(128, 4, 4, patch=4, image=32),
+    # Small sizes for the demo (32x32 synthetic images) and for fast tests. The demo classifier is a
+    # convolutional stem down to 8x8 patches: on 2 CPU cores it passes 99% in ~15 s, where a linear
+    # 4x4-patch ViT needed minutes to learn where a bar is (bar_top vs bar_bottom).
+    "vit-demo": _vit(64, 4, 2, patch=8, image=32, stem="conv"),
     "vit-test": _vit(32, 2, 2, patch=4, image=16),
 }
 
@@ -157,7 +161,9 @@ MAE_DECODER_DEFAULTS = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_
 MAE_PRESETS: dict[str, MAEConfig] = {
     **{f"mae-{name[4:]}": MAEConfig(encoder=VIT_PRESETS[name], **MAE_DECODER_DEFAULTS)
        for name in ("vit-tiny", "vit-small", "vit-base", "vit-large", "vit-huge")},
-    "mae-demo": MAEConfig(encoder=VIT_PRESETS["vit-demo"], decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4),
+    # The demo MAE keeps 4x4 patches and the linear stem (a conv stem would see the masked pixels); its
+    # encoder sees only the 16 kept patches, so two blocks do, and the cost is in the decoder's 64 tokens.
+    "mae-demo": MAEConfig(encoder=_vit(64, 2, 2, patch=4, image=32), decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2),
     "mae-test": MAEConfig(encoder=VIT_PRESETS["vit-test"], decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2),
 }
 

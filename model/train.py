@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from . import loop
+from . import loop, progress
 from .argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 from .checkpoints import CheckpointError, LoadedCheckpoint
 from .data import DataSplits
@@ -93,7 +93,9 @@ def _add_options(parser: Parser, task: type[Task]) -> None:
     run.add_argument("--resume", action="store_true", help=f"continue from DIR/{loop.CHECKPOINT_NAME} if it exists")
     run.add_argument("--save-every", type=non_negative_int, default=0, metavar="N", help="also checkpoint every N steps; 0: at the end of each epoch")
     run.add_argument("--eval-every", type=non_negative_int, default=0, metavar="N", help="validate every N steps; 0: at the end of each epoch")
-    run.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+    run.add_argument("--progress", choices=progress.MODES, default="auto",
+                     help="what to show while training: a live bar, plain lines (logs, runs side by side), nothing; auto: a bar on a terminal, else lines")
+    run.add_argument("--quiet", action="store_true", help="the same as --progress off")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", default="synthetic", metavar="synthetic|DIR", help="the built-in images, or an image folder DIR/<class>/* (or DIR/train, DIR/val)")
@@ -122,13 +124,17 @@ def _add_options(parser: Parser, task: type[Task]) -> None:
     device = parser.add_argument_group("device")
     device.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
     device.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision (auto: bf16/fp16 on CUDA, off on CPU)")
+    device.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for PyTorch (default: PyTorch's, one per core)")
     device.add_argument("--seed", type=int, default=0, metavar="N", help="data split, initialisation, augmentation and masking")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = [DEFAULT_TASK, *argv]
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.quiet:
+        args.progress = "off"
+    return args
 
 
 def task_of(args: argparse.Namespace) -> Task:

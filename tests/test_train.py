@@ -17,6 +17,7 @@ from model.vit import VisionTransformer
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick: the test presets on 16x16 synthetic images.
 QUICK = ["--image-size", "16", "--num-synthetic", "480", "--batch-size", "32", "--quiet"]
+DEMO_AS_MAKE_TRAINS_IT = ["--threads", "1"]  # the Makefile trains the two demo models side by side, one thread each
 
 
 def test_a_few_training_steps_lower_the_loss():
@@ -154,14 +155,16 @@ def test_two_process_gloo_ddp_trains_and_only_rank0_writes(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_demo_classifier_reaches_95_percent(tmp_path):
-    assert main(["--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    assert main(["--out", str(tmp_path / "demo"), "--quiet", *DEMO_AS_MAKE_TRAINS_IT]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["val_accuracy"] >= 0.95
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_demo_mae_reconstructs_clearly_better_than_predicting_the_mean(tmp_path):
-    assert main(["mae", "--out", str(tmp_path / "mae"), "--quiet"]) == 0
+    assert main(["mae", "--out", str(tmp_path / "mae"), "--quiet", *DEMO_AS_MAKE_TRAINS_IT]) == 0
     summary = json.loads((tmp_path / "mae" / "summary.json").read_text())
     assert summary["val_loss"] < 0.5 * summary["val_baseline_loss"]

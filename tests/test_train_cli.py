@@ -81,3 +81,15 @@ def test_no_mode_means_classifier():
     assert parse_args(["--out", "d"]).task == "classifier"
     assert parse_args(["mae", "--out", "d"]).task == "mae"
     assert parse_args(["--out", "d"]).preset == "vit-demo" and parse_args(["mae", "--out", "d"]).preset == "mae-demo"
+
+
+def test_progress_lines_name_the_run_and_report_each_validation(tmp_path):
+    result = vit_train("mae", "--out", str(tmp_path / "mae"), "--preset", "mae-test", "--image-size", "16", "--num-synthetic", "240",
+                       "--batch-size", "32", "--epochs", "2", "--progress", "lines", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("mae: ") for line in lines), lines  # runs side by side stay apart
+    assert "1 thread;" in lines[0] and "12 steps of 32" in lines[0]
+    validations = [line for line in lines if "val loss" in line]
+    assert len(validations) == 2 and "val baseline_loss" in validations[-1] and "step 12/12" in validations[-1]
+    assert '"task": "mae"' in result.stdout
