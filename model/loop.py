@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
 from .checkpoints import load_checkpoint, save_checkpoint
-from .data import load_dataset
+from .data import DataSplits, load_dataset
 from .optim import build_optimizer, build_scheduler
 from .plots import plot_curves
 from .presets import ConfigError
@@ -135,11 +135,18 @@ def run(args: argparse.Namespace, task: Task) -> dict[str, Any]:
         distributed.teardown()
 
 
-def train(args: argparse.Namespace, task: Task, ctx: distributed.DistContext) -> dict[str, Any]:
-    out: Path = args.out
-    checkpoint_path = out / CHECKPOINT_NAME
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Start:
+    """Where a run begins: fresh, from --init-from, or resumed from its own checkpoint."""
+    model: nn.Module
+    data: DataSplits
+    image_size: tuple[int, int]
+    step: int
+    resumed: bool
+    training_state: dict[str, Any]
+
+
+def start(args: argparse.Namespace, task: Task, checkpoint_path: Path) -> Start:
     resumed = args.resume and checkpoint_path.exists()
     start_from = checkpoint_path if resumed else args.init_from
     loaded = load_checkpoint(start_from) if start_from else None
@@ -148,10 +155,17 @@ def train(args: argparse.Namespace, task: Task, ctx: distributed.DistContext) ->
     image_size = image_size_of(loaded.model) if resumed else task.initial_image_size(loaded)
     data = load_dataset(args.data, image_size, seed=args.seed, val_fraction=args.val_fraction, num_synthetic=args.num_synthetic)
     if resumed:
-        model, training_state, start_step = loaded.model.train(), loaded.training or {}, loaded.step
-    else:
-        model, training_state, start_step = task.build_model(data, loaded), {}, 0
-    model.to(ctx.device)
+        return Start(loaded.model.train(), data, image_size, loaded.step, True, loaded.training or {})
+    return Start(task.build_model(data, loaded), data, image_size, 0, False, {})
+
+
+def train(args: argparse.Namespace, task: Task, ctx: distributed.DistContext) -> dict[str, Any]:
+    out: Path = args.out
+    checkpoint_path = out / CHECKPOINT_NAME
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    begin = start(args, task, checkpoint_path)
+    model, data, training_state = begin.model.to(ctx.device), begin.data, begin.training_state
 
     sampler = distributed.ShardedEpochSampler(len(data.train), ctx, seed=args.seed)
     schedule = Schedule.plan(args, len(sampler), ctx.world_size, len(data.train))
@@ -165,7 +179,7 @@ def train(args: argparse.Namespace, task: Task, ctx: distributed.DistContext) ->
     # A private generator keeps the loader from drawing on the global RNG, which augmentation and masking use.
     loader_kwargs = dict(batch_size=args.batch_size, num_workers=args.workers, drop_last=True, generator=torch.Generator())
     val_loader = torch.utils.data.DataLoader(data.val, batch_size=256, num_workers=args.workers, generator=torch.Generator())
-    log = MetricsLog(out / "metrics.jsonl", ctx.is_main, start_step if resumed else None)
+    log = MetricsLog(out / "metrics.jsonl", ctx.is_main, begin.step if begin.resumed else None)
     save_every = args.save_every or schedule.steps_per_epoch
     eval_every = args.eval_every or schedule.steps_per_epoch
 
@@ -185,11 +199,11 @@ def train(args: argparse.Namespace, task: Task, ctx: distributed.DistContext) ->
         return result
 
     threads = torch.get_num_threads()
-    progress = Progress(args.progress if ctx.is_main else "off", task.name, schedule.total_steps, start_step)
-    progress.say(f"{type(model).__name__} at {image_size[0]}x{image_size[1]} on {ctx.device}"
+    progress = Progress(args.progress if ctx.is_main else "off", task.name, schedule.total_steps, begin.step)
+    progress.say(f"{type(model).__name__} at {begin.image_size[0]}x{begin.image_size[1]} on {ctx.device}"
                  + (f" x {ctx.world_size} processes" if ctx.distributed else f", {threads} thread{'s' if threads > 1 else ''}")
                  + f"; {len(data.train)} training images, {schedule.total_steps} steps of {args.batch_size} -> {out}")
-    step = start_step
+    step = begin.step
     last_val: dict[str, float] = {}
     while step < schedule.total_steps:
         epoch, done_in_epoch = divmod(step, schedule.steps_per_epoch)
