@@ -41,7 +41,7 @@ async def read_request(request: Request, max_images: int, params_type: type[Base
     try:
         params = params_type.model_validate(fields)
     except ValidationError as error:
-        raise InvalidParameter(validation_message(error)) from None
+        raise InvalidParameter(validation_message(error, params_type)) from None
     return images, params
 
 
@@ -81,10 +81,12 @@ def add_field(fields: dict[str, Any], key: str, value: Any) -> None:
         raise InvalidParameter(f"parameter {key!r} is given more than once")
 
 
-def validation_message(error: ValidationError) -> str:
+def validation_message(error: ValidationError, params_type: type[BaseModel] | None = None) -> str:
     parts = []
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"]) or "body"
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden" and params_type is not None:
+            message = f"unknown parameter; this endpoint takes {', '.join(sorted(params_type.model_fields))}"
         parts.append(f"{where}: {message}" if where != "body" else message)
     return "; ".join(parts)

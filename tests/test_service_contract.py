@@ -111,3 +111,8 @@ def test_pictures_at_the_upload_size_keep_its_pixels_where_visible_and_fade_what
     assert png.headers["content-type"] == "image/png" and Image.open(io.BytesIO(png.content)).size == (80, 60)
     at_model_size = client.post("/reconstruct", files=files([png_bytes(upload)]), headers={"Accept": "image/png"})
     assert Image.open(io.BytesIO(at_model_size.content)).size == (16, 16)
+
+
+def test_a_parameter_of_another_endpoint_is_named_with_the_ones_this_endpoint_takes(client):
+    error = assert_error(client.post("/classify", files=files(shapes(1)), data={"visible": "1"}), 422, "invalid_parameter")
+    assert error["message"] == "visible: unknown parameter; this endpoint takes model, timeout_ms, top_k"
