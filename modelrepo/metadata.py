@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from imageprep import DEFAULT_CROP_FRACTION, DEFAULT_INTERPOLATION
 
 from .errors import InvalidMetadata, UnsupportedFormat
-from .names import BATCH, METADATA_FORMAT, TASKS, Task
+from .names import BATCH, LOGITS, METADATA_FORMAT, TASKS, Task
 
 FORMAT_VERSION = 2
 LEGACY_FORMAT_VERSION = 1  # files without a "format_version" are the first format
@@ -149,6 +149,9 @@ class ModelMetadata:
         needed = {"classify": self.classification, "embed": self.embedding, "reconstruct": self.reconstruction}[self.task]
         if needed is None:
             raise InvalidMetadata(f"a {self.task} model's metadata lacks its {self.task} section")
+        logits = [spec for spec in self.outputs if spec.name == LOGITS]
+        if self.classification and logits and logits[0].shape[-1] != self.classification.num_classes:
+            raise InvalidMetadata(f"{self.classification.num_classes} labels for {logits[0].shape[-1]} logits")
 
     @property
     def num_patches(self) -> int:

@@ -1,6 +1,8 @@
 """Masks for /reconstruct and the images it returns, in NumPy (the graph gives patches, mask and composite)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image
 
@@ -87,8 +89,9 @@ def pictures_at_source_size(image: Image.Image, box: tuple[float, float, float, 
     never saw those pixels. predicted: (H, W, 3) uint8 at the model's size, every patch as the decoder saw it."""
     image, box = _capped(image, box)
     base = np.asarray(image, dtype=np.float32)
-    left, top = int(round(box[0])), int(round(box[1]))
-    right, bottom = min(image.width, int(round(box[2]))), min(image.height, int(round(box[3])))
+    # Outward to whole pixels, at least one: the seen region of a 1-pixel-wide upload is under a pixel across.
+    left, top = min(int(box[0]), image.width - 1), min(int(box[1]), image.height - 1)
+    right, bottom = max(left + 1, min(image.width, math.ceil(box[2]))), max(top + 1, min(image.height, math.ceil(box[3])))
     seen_w, seen_h = right - left, bottom - top
     upscaled = np.asarray(Image.fromarray(predicted).resize((seen_w, seen_h), Image.Resampling.BICUBIC), dtype=np.float32)
     grid_h, grid_w = predicted.shape[0] // patch, predicted.shape[1] // patch

@@ -75,10 +75,16 @@ def add_field(fields: dict[str, Any], key: str, value: Any) -> None:
     """Repeated list fields accumulate; any other field given twice is an error, not a silent pick."""
     if key not in fields:
         fields[key] = value
-    elif key in LIST_FIELDS:
-        fields[key] = f"{fields[key]},{value}" if isinstance(value, str) and isinstance(fields[key], str) else value
+    elif key in LIST_FIELDS:  # from the query string, form fields and JSON alike: "0,1" or [0, 1]
+        fields[key] = [*_as_list(fields[key]), *_as_list(value)]
     else:
         raise InvalidParameter(f"parameter {key!r} is given more than once")
+
+
+def _as_list(value: Any) -> list:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return list(value) if isinstance(value, list) else [value]
 
 
 def validation_message(error: ValidationError, params_type: type[BaseModel] | None = None) -> str:

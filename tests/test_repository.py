@@ -171,3 +171,9 @@ def parse_pbtxt(text: str) -> dict:
     message = message_factory.GetMessageClass(pool.FindMessageTypeByName("mc.ModelConfig"))()
     text_format.Parse(text, message)
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def test_labels_that_do_not_match_the_logits_are_refused():
+    wrong = {**classifier_metadata().to_json(), "labels": ["a", "b", "c"]}  # 3 labels, 6 logits
+    with pytest.raises(InvalidMetadata, match="3 labels for 6 logits"):
+        ModelMetadata.from_json(wrong)

@@ -116,3 +116,19 @@ def test_pictures_at_the_upload_size_keep_its_pixels_where_visible_and_fade_what
 def test_a_parameter_of_another_endpoint_is_named_with_the_ones_this_endpoint_takes(client):
     error = assert_error(client.post("/classify", files=files(shapes(1)), data={"visible": "1"}), 422, "invalid_parameter")
     assert error["message"] == "visible: unknown parameter; this endpoint takes model, timeout_ms, top_k"
+
+
+def test_a_one_pixel_wide_upload_still_gets_pictures_at_its_own_size(client):
+    for height, width in ((16, 1), (2, 6000), (1, 1)):
+        upload = np.full((height, width, 3), 200, dtype=np.uint8)
+        response = client.post("/reconstruct", files=files([png_bytes(upload)]), data={"size": "input", "seed": "0"},
+                               headers={"Accept": "image/png"})
+        assert response.status_code == 200, response.text
+        assert Image.open(io.BytesIO(response.content)).size == (min(width, 2048), max(1, round(height * min(1, 2048 / width))))
+
+
+def test_patch_lists_from_the_query_string_and_the_json_body_are_merged(client):
+    [image] = shapes(1)
+    body = {"images": [base64.b64encode(image).decode()], "visible": [1, 2]}
+    merged = client.post("/reconstruct", params={"visible": "0"}, json=body)
+    assert merged.status_code == 200 and merged.json()["visible_patches"] == 3
