@@ -13,10 +13,9 @@ from pathlib import Path
 import litserve as ls
 import numpy as np
 
-from modelrepo import read_metadata
 from modelrepo.names import VARIANT_FILES
 from service.images import ImageLimits, prepare_image
-from service.repository import ModelVersion
+from service.repository import version_to_serve
 
 from .workload import service_session
 
@@ -27,7 +26,7 @@ class OnnxClassifierAPI(ls.LitAPI):
         self.model_dir, self.variant, self.top_k, self.device = model_dir, variant, top_k, device
 
     def setup(self, device) -> None:
-        entry = ModelVersion(self.model_dir.parent.name, int(self.model_dir.name), self.model_dir, read_metadata(self.model_dir))
+        entry = version_to_serve(self.model_dir.parent.parent, self.model_dir.parent.name, int(self.model_dir.name))
         self.session = service_session(self.model_dir / VARIANT_FILES[self.variant], device=self.device)
         self.input_name = self.session.get_inputs()[0].name
         self.spec, self.limits = entry.resize, ImageLimits()

@@ -15,7 +15,6 @@ import numpy as np
 import onnxruntime
 from PIL import Image
 
-from modelrepo import ModelMetadata, read_metadata
 from modelrepo.names import VARIANT_FILES
 from modelrepo.session import open_session, usable_cores
 from service.images import ImageLimits, prepare_image
@@ -34,15 +33,11 @@ class BuiltModel:
     preset: str
     checkpoint: Path
     repo: Path
-    version_dir: Path
+    entry: ModelVersion  # the exported version, as the service reads it
 
     @property
-    def metadata(self) -> ModelMetadata:
-        return read_metadata(self.version_dir)
-
-    @property
-    def entry(self) -> ModelVersion:
-        return ModelVersion(self.version_dir.parent.name, int(self.version_dir.name), self.version_dir, self.metadata)
+    def version_dir(self) -> Path:
+        return self.entry.path
 
     def onnx_path(self, variant: str) -> Path:
         return self.version_dir / VARIANT_FILES[variant]
@@ -65,7 +60,7 @@ def build_model(preset: str, cache: Path, log=print, fp16: bool = False) -> Buil
         done.write_text(json.dumps({"preset": preset, "export_s": round(time.perf_counter() - started, 1)}) + "\n")
         log(f"{preset}: built and exported in {time.perf_counter() - started:.0f} s -> {repo}")
     [entry], _ = find_models(repo)
-    return BuiltModel(preset, checkpoint, repo, entry.path)
+    return BuiltModel(preset, checkpoint, repo, entry)
 
 
 def _export_random_classifier(preset: str, checkpoint: Path, repo: Path, fp16: bool) -> None:

@@ -11,10 +11,10 @@ from torch import nn
 
 from model.checkpoints import LoadedCheckpoint, load_checkpoint
 from model.data import IMAGE_EXTENSIONS, decode_image, make_synthetic
-from model.mae import MaskedAutoencoder, encoder_of
+from model.mae import MaskedAutoencoder, encoder_of, image_size_of
 from model.transforms import resize_and_centre_crop
 from model.vit import VisionTransformer
-from modelrepo import ModelMetadata, VariantRecord, check_name, check_repository, read_metadata, staged_version, write_metadata
+from modelrepo import ModelMetadata, VariantRecord, check_name, check_repository, staged_version, write_metadata
 from modelrepo.names import VARIANT_FILES
 from modelrepo.triton import triton_config, write_triton_config
 
@@ -94,10 +94,6 @@ def set_image_size(model: nn.Module, size: int) -> None:
     model.set_image_size(size)
 
 
-def image_size_of(model: nn.Module) -> tuple[int, int]:
-    return encoder_of(model).config.image_size
-
-
 def plan_graphs(loaded: LoadedCheckpoint, name: str) -> list[PlannedGraph]:
     model, mean, std = loaded.model.eval(), loaded.mean, loaded.std
     if isinstance(model, MaskedAutoencoder):
@@ -151,8 +147,7 @@ def export_graph(request: ExportRequest, loaded: LoadedCheckpoint, plan: Planned
         write_metadata(staged.path, metadata)
     write_triton_config(request.repo, plan.name, triton_config(plan.name, metadata.inputs, metadata.outputs,
                                                                 max_batch_size=request.max_batch_size))
-    path = request.repo / plan.name / str(staged.version)
-    return WrittenVersion(plan.name, staged.version, path, read_metadata(path))
+    return WrittenVersion(plan.name, staged.version, request.repo / plan.name / str(staged.version), metadata)
 
 
 def build_variant(kind: str, reference: Path, path: Path, inputs: list[dict]) -> VariantRecord:

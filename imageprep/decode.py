@@ -79,7 +79,8 @@ def _decode(data: bytes, limits: ImageLimits | None, *, index: int, name: str, t
         if target is not None and fmt in ("JPEG", "MPO"):
             _draft(image, target)
         image.load()
-        return to_rgb(ImageOps.exif_transpose(image))
+        ImageOps.exif_transpose(image, in_place=True)  # without in_place, an upright image is copied whole
+        return to_rgb(image)
     except MemoryError:
         raise
     except Image.DecompressionBombError as exc:

@@ -58,7 +58,7 @@ def resize_for_model(image: Image.Image, spec: ResizeSpec) -> np.ndarray:
         image = image.convert("RGB")
     height, width = spec.height, spec.width
     if image.size != (width, height):
-        scale, (new_w, new_h), (left, top) = _cover_and_crop(image.width, image.height, spec)
+        _, (new_w, new_h), (left, top) = _cover_and_crop(image.width, image.height, spec)
         if new_w * new_h <= MAX_INTERMEDIATE_FACTOR * width * height:
             image = image.resize((new_w, new_h), RESAMPLING[spec.interpolation]).crop((left, top, left + width, top + height))
         else:

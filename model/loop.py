@@ -25,7 +25,8 @@ from .optim import build_optimizer, build_scheduler
 from .plots import plot_curves
 from .presets import ConfigError
 from .progress import Progress
-from .tasks import Task, image_size_of
+from .mae import image_size_of
+from .tasks import Task
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_EVERY = 10  # steps between train-loss records

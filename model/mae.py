@@ -72,6 +72,11 @@ def encoder_of(model: nn.Module) -> VisionTransformer:
     return model.encoder if isinstance(model, MaskedAutoencoder) else model
 
 
+def image_size_of(model: nn.Module) -> tuple[int, int]:
+    """The input size (H, W) of a ViT or of an MAE's encoder."""
+    return encoder_of(model).config.image_size
+
+
 def random_masking(tokens: torch.Tensor, noise: torch.Tensor, keep: int):
     """Keep the `keep` patches with the lowest noise in each sample.
 

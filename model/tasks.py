@@ -19,7 +19,7 @@ from torch import nn
 from .argtypes import ratio
 from .checkpoints import LoadedCheckpoint
 from .data import DataSplits
-from .mae import MaskedAutoencoder, denormalise_patches, encoder_of
+from .mae import MaskedAutoencoder, denormalise_patches, image_size_of
 from .plots import plot_reconstructions
 from .presets import ConfigError, mae_preset, vit_preset
 from .vit import VisionTransformer
@@ -169,10 +169,6 @@ class MAETask(Task):
 
 
 TASKS: dict[str, type[Task]] = {task.name: task for task in (ClassifierTask, MAETask)}
-
-
-def image_size_of(model: nn.Module) -> tuple[int, int]:
-    return encoder_of(model).config.image_size
 
 
 @torch.no_grad()

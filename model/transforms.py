@@ -75,17 +75,13 @@ class EvalTransform:
                  crop_fraction: float = DEFAULT_CROP_FRACTION):
         self.size = as_size(image_size)
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-        self.crop_fraction = crop_fraction
-        # The service's resize for this model (export writes the same crop fraction and interpolation).
-        self.spec = ResizeSpec(*self.size, crop_fraction=crop_fraction)
-
-    @property
-    def decode_target(self) -> ResizeSpec:
-        return self.spec
+        # The service's resize for this model (export writes the same crop fraction and interpolation); also the
+        # size the decoder may draft a large JPEG down to.
+        self.decode_target = ResizeSpec(*self.size, crop_fraction=crop_fraction)
 
     def pixels(self, image: ImageLike) -> np.ndarray:
         """uint8 (H, W, 3) before normalisation: what the service feeds the exported graph."""
-        return resize_for_model(_to_pil(image), self.spec)
+        return resize_for_model(_to_pil(image), self.decode_target)
 
     def __call__(self, image: ImageLike, generator: torch.Generator | None = None) -> torch.Tensor:
         return normalise(self.pixels(image), self.mean, self.std)

@@ -141,7 +141,6 @@ class ModelMetadata:
     source: Mapping[str, Any] = field(default_factory=dict)  # provenance: checkpoint path, sha256, format, step
     exporter: Mapping[str, Any] = field(default_factory=dict)  # package versions and ONNX options
     created: str = ""
-    format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -175,7 +174,7 @@ class ModelMetadata:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "format": METADATA_FORMAT, "format_version": self.format_version, "name": self.name, "task": self.task,
+            "format": METADATA_FORMAT, "format_version": FORMAT_VERSION, "name": self.name, "task": self.task,
             "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
             "image": self.image.to_json(), "normalization": self.normalization.to_json(),
             "patch_size": self.patch_size, "grid": list(self.grid), "num_patches": self.num_patches,
@@ -236,7 +235,7 @@ class ModelMetadata:
             classification=classification, embedding=embedding, reconstruction=reconstruction,
             variants={kind: VariantRecord.from_json(v) for kind, v in (data.get("variants") or {}).items()},
             source=dict(data.get("source") or {}), exporter=dict(data.get("exporter") or {}),
-            created=str(data.get("created") or ""), format_version=FORMAT_VERSION,
+            created=str(data.get("created") or ""),
         )
 
     @classmethod

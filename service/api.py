@@ -21,6 +21,7 @@ from .settings import Settings
 from .state import ServedModel, ServiceState
 from .tasks import HANDLERS
 from .v2 import HEALTH_PATHS as V2_HEALTH_PATHS, v2_router
+from .v2.errors import is_v2_path, v2_error_response
 
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json", *DOC_PATHS, *V2_HEALTH_PATHS}
 ERRORS = {"model": schemas.ErrorResponse}
@@ -65,7 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.api_route("/readyz", methods=["GET", "HEAD"], summary="Readiness: 200 when every model is loaded and warmed",
                    responses={503: {"description": "Not ready: loading, a model failed to load, or draining (see `reasons`)"}})
     async def readyz() -> JSONResponse:
-        reasons = (["the server is shutting down"] if state.draining else []) + state.problems
+        reasons = state.not_ready_reasons
         body = {"status": "ready" if not reasons else "not_ready", "reasons": reasons, "models": sorted(state.models)}
         return JSONResponse(body, status_code=200 if not reasons else 503)
 
@@ -112,22 +113,25 @@ def describe_model(model: ServedModel, settings: Settings) -> dict:
 
 # --- errors ------------------------------------------------------------------------------------------------
 
-def _error_response(error: ServiceError) -> JSONResponse:
+def _error_response(request: Request, error: ServiceError) -> JSONResponse:
+    """Each protocol's error shape: the V2 body under /v2, the vitserve envelope elsewhere."""
+    if is_v2_path(request.url.path):
+        return v2_error_response(error)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, error: ServiceError) -> JSONResponse:
-        return _error_response(error)
+        return _error_response(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        return _error_response(InvalidParameter(str(error.errors())))
+        return _error_response(request, InvalidParameter(str(error.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         kind = {404: NotFound, 405: MethodNotAllowed}.get(error.status_code, BadRequest)
         wrapped = kind(str(error.detail), headers=dict(error.headers or {}))
         wrapped.status = error.status_code
-        return _error_response(wrapped)
+        return _error_response(request, wrapped)

@@ -59,7 +59,7 @@ def _export_to_environment(settings: Settings) -> None:
     for name, value in settings.model_dump(exclude_none=True).items():
         if name == "api_key":
             value = settings.api_key.get_secret_value()
-        os.environ[f"VITSERVE_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        os.environ[env_name(name)] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,10 +59,8 @@ class RequestContextMiddleware:
         elapsed = time.perf_counter() - started
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
-        self.metrics.requests.labels(template, scope["method"], str(status["code"])).inc()
-        self.metrics.latency.labels(template).observe(elapsed)
-        log_access(request_id, scope["method"], template, scope["path"], status["code"], elapsed,
-                   (scope.get("client") or ["-"])[0])
+        observe_request(self.metrics, request_id, scope["method"], template, scope["path"], status["code"], elapsed,
+                        (scope.get("client") or ["-"])[0])
 
     def _limited(self, receive):
         """Count body bytes as they arrive: a chunked body without Content-Length is capped too."""
@@ -84,8 +82,11 @@ def request_id_from(given: str) -> str:
     return given if _SAFE_ID.match(given) else uuid.uuid4().hex
 
 
-def log_access(request_id: str, method: str, route: str, path: str, status: int, elapsed_s: float, client: str) -> None:
-    """One access line per request, whatever the protocol."""
+def observe_request(metrics: Metrics, request_id: str, method: str, route: str, path: str, status: int, elapsed_s: float,
+                    client: str) -> None:
+    """The request counters, the latency histogram and one access line per request, whatever the protocol."""
+    metrics.requests.labels(route, method, str(status)).inc()
+    metrics.latency.labels(route).observe(elapsed_s)
     line = {"request_id": request_id, "method": method, "route": route, "path": path, "status": status,
             "duration_ms": round(elapsed_s * 1000, 2), "client": client}
     # the message is the line a person reads; the fields are the keys of the JSON line (service.logs)

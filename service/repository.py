@@ -1,6 +1,7 @@
 """Which model versions this server serves, read from the repository through its one definition (`modelrepo`)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ class ModelVersion:
     def task(self) -> Task:
         return self.metadata.task
 
-    @property
+    @functools.cached_property
     def resize(self) -> ResizeSpec:
         """How a photo is brought to the graph's input: the resize the model was evaluated with."""
         image = self.metadata.image

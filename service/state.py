@@ -61,8 +61,12 @@ class ServiceState:
     decode_pool: ThreadPoolExecutor | None = None
 
     @property
+    def not_ready_reasons(self) -> list[str]:
+        return (["the server is shutting down"] if self.draining else []) + self.problems
+
+    @property
     def ready(self) -> bool:
-        return not self.problems and not self.draining
+        return not self.not_ready_reasons
 
     @property
     def limits(self) -> ImageLimits:

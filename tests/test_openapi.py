@@ -17,16 +17,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from PIL import Image
-from schemathesis.checks import not_a_server_error
-from schemathesis.config import SchemathesisConfig
-from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
-                                               response_headers_conformance, response_schema_conformance,
-                                               status_code_conformance)
-from schemathesis.specs.openapi.formats import unregister_string_format
 from serving_harness import API_KEY, Server, png_bytes
 
 from service.docs import ASSET_TYPES

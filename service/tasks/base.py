@@ -12,13 +12,13 @@ from pydantic import BaseModel
 from modelrepo import Task
 
 from ..images import SourceImage
+from ..runtime import Item
 from ..schemas import CommonParams
 
 if TYPE_CHECKING:
     from ..state import ServedModel
 
 JSON = "application/json"
-Item = dict[str, np.ndarray]  # one image's inputs or outputs, by tensor name
 
 
 @dataclass(frozen=True)

@@ -54,9 +54,11 @@ class ReconstructHandler(TaskHandler):
     def respond(self, model: Any, params: schemas.ReconstructParams, images: list[PreparedImage], outputs: list[Item],
                 media_type: str) -> Response:
         meta = model.metadata
+        if media_type == PNG:  # one image: its composite only
+            image, out = images[0], outputs[0]
+            composite = out[RECONSTRUCTION] if image.source is None else self._pictures(image, out, meta)["composite"]
+            return Response(encode_png(composite), media_type=PNG)
         pictures = [self._pictures(image, out, meta) for image, out in zip(images, outputs)]
-        if media_type == PNG:
-            return Response(encode_png(pictures[0]["composite"]), media_type=PNG)
         results = [{"masked_png": _png64(p["masked"]), "reconstruction_png": _png64(p["reconstruction"]),
                     "composite_png": _png64(p["composite"]), "mask": [int(v > 0.5) for v in out[MASK]], "mse": float(out[LOSS])}
                    for p, out in zip(pictures, outputs)]

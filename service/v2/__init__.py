@@ -14,7 +14,6 @@ and over gRPC.
     grpc_codec.py    gRPC messages <-> the request of messages.py; raw or typed tensor contents
     grpc_schema.py   the protocol's gRPC messages, declared from the specification (no generated code)
 """
-from .errors import PREFIX, v2_error_body
 from .rest import HEALTH_PATHS, v2_router
 
-__all__ = ["HEALTH_PATHS", "PREFIX", "v2_error_body", "v2_router"]
+__all__ = ["HEALTH_PATHS", "v2_router"]

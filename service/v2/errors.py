@@ -1,19 +1,13 @@
-"""Errors over V2, in one place: the protocol's body `{"error": "<message>"}` with the service error's status, for
-everything a V2 route raises (also FastAPI's own validation and HTTP errors, which would otherwise answer 422
-`{"detail": ...}` that V2 clients cannot read)."""
+"""Errors over V2, in one place: the protocol's body `{"error": "<message>"}` with the service error's status. The
+app's error handlers (service/api.py) and the middleware answer every failure under /v2 in this shape (also FastAPI's
+own validation and HTTP errors, which would otherwise answer 422 `{"detail": ...}` that V2 clients cannot read)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
-from typing import Any
 
-from fastapi import Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import JSONResponse
 
-from ..errors import BadRequest, ServiceError
+from ..errors import ServiceError
 
 log = logging.getLogger("vitserve")
 PREFIX = "/v2"
@@ -29,35 +23,14 @@ def v2_error_body(error: ServiceError) -> dict:
     return {"error": error.message}  # an image's errors name it ("image 2: ...") in the message itself
 
 
+def is_v2_path(path: str) -> bool:
+    return path == PREFIX or path.startswith(PREFIX + "/")
+
+
 def error_body_for(path: str, error: ServiceError) -> dict:
     """The error body in the shape of the protocol `path` belongs to: for answers given before any route runs."""
-    return v2_error_body(error) if path == PREFIX or path.startswith(PREFIX + "/") else error.body()
+    return v2_error_body(error) if is_v2_path(path) else error.body()
 
 
 def v2_error_response(error: ServiceError) -> JSONResponse:
     return JSONResponse(v2_error_body(error), status_code=v2_status(error), headers=error.headers)
-
-
-class V2Route(APIRoute):
-    """A route whose every failure answers in the V2 error shape."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except ServiceError as error:
-                return v2_error_response(error)
-            except RequestValidationError as error:
-                return v2_error_response(BadRequest(str(error.errors())))
-            except StarletteHTTPException as error:
-                wrapped = ServiceError(str(error.detail), headers=dict(error.headers or {}))
-                wrapped.status = error.status_code
-                return v2_error_response(wrapped)
-            except Exception:  # noqa: BLE001 - answered in the protocol's shape; the traceback goes to the log
-                request_id = request.scope.get("state", {}).get("request_id", "?")
-                log.exception("unexpected error in V2 request %s", request_id)
-                return v2_error_response(ServiceError(f"unexpected error; see the server log for request {request_id}"))
-
-        return handle

@@ -15,7 +15,6 @@ from ..state import ServedModel
 from ..tasks.base import Item
 from .grpc_schema import InferParameter, ModelInferResponse, ModelMetadataResponse
 from .messages import InferenceRequest, Parameters, RequestInput
-from .metadata import v2_inputs
 from .outputs import OutputPlan, output_values
 from .tensors import BYTES, check_count, datatype_of, tensor_from_binary, tensor_from_json, tensor_to_binary
 
@@ -134,7 +133,7 @@ def infer_response(request: InferenceRequest, model: ServedModel, plans: list[Ou
     return response
 
 
-def model_metadata_response(metadata: dict, model: ServedModel) -> ModelMetadataResponse:
+def model_metadata_response(metadata: dict) -> ModelMetadataResponse:
     """The REST model metadata (metadata.model_metadata) as ModelMetadataResponse; its parameters and each input's usage
     become `properties` (strings; JSON for other values)."""
     response = ModelMetadataResponse(name=metadata["name"], versions=metadata["versions"], platform=metadata["platform"])
@@ -142,6 +141,6 @@ def model_metadata_response(metadata: dict, model: ServedModel) -> ModelMetadata
         for tensor in metadata[kind]:
             getattr(response, kind).add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
     properties = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata["parameters"].items()}
-    properties.update({f"input {spec.name}": spec.usage for spec in v2_inputs(model.metadata)})
+    properties.update({f"input {tensor['name']}": tensor["parameters"]["usage"] for tensor in metadata["inputs"]})
     response.properties.update(properties)
     return response

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from ..errors import NotFound, NotReady, ServiceError, Unauthorized
-from ..middleware import WRONG_KEY, api_key_given, key_matches, log_access, request_id_from
+from ..middleware import WRONG_KEY, api_key_given, key_matches, observe_request, request_id_from
 from ..state import ServiceState
 from .grpc_codec import (infer_response, inference_request, model_metadata_response, tensor_data, typed_elements,
                          uses_raw_contents)
@@ -73,7 +73,7 @@ class InferenceService:
 
     async def ModelMetadata(self, request, context):
         model = served_model(self.state, request.name, request.version or None)
-        return model_metadata_response(model_metadata(model), model)
+        return model_metadata_response(model_metadata(model))
 
     async def ModelInfer(self, request, context):
         arrived = time.monotonic()
@@ -165,9 +165,7 @@ def _observed(state: ServiceState, in_flight: CallsInFlight, method: str, functi
                                 tuple(trailers))
         finally:
             elapsed = time.perf_counter() - started
-            state.metrics.requests.labels(route, "GRPC", str(status)).inc()
-            state.metrics.latency.labels(route).observe(elapsed)
-            log_access(request_id, "GRPC", route, route, status, elapsed, _client(context.peer()))
+            observe_request(state.metrics, request_id, "GRPC", route, route, status, elapsed, _client(context.peer()))
 
     return call
 

@@ -9,7 +9,7 @@ from starlette.routing import Match
 
 from ..errors import MethodNotAllowed, NotFound, NotReady
 from ..state import ServiceState
-from .errors import PREFIX, V2Route
+from .errors import PREFIX
 from .infer import serve_infer, served_model
 from .metadata import model_metadata, server_metadata
 
@@ -20,7 +20,7 @@ TAG = "Open Inference Protocol (V2)"
 
 
 def v2_router(state: ServiceState) -> APIRouter:
-    router = APIRouter(prefix=PREFIX, route_class=V2Route, tags=[TAG])
+    router = APIRouter(prefix=PREFIX, tags=[TAG])
 
     @router.api_route("/health/live", methods=["GET", "HEAD"], summary="V2 liveness: 200 while the process serves")
     async def live() -> dict:
@@ -28,9 +28,8 @@ def v2_router(state: ServiceState) -> APIRouter:
 
     @router.api_route("/health/ready", methods=["GET", "HEAD"], summary="V2 readiness: 200 when every model is loaded")
     async def ready() -> dict:
-        reasons = (["the server is shutting down"] if state.draining else []) + state.problems
-        if reasons:
-            raise NotReady("; ".join(reasons))
+        if state.not_ready_reasons:
+            raise NotReady("; ".join(state.not_ready_reasons))
         return {"ready": True}
 
     @router.get("", summary="V2 server metadata: name, version, supported extensions")
