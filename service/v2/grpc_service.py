@@ -144,28 +144,31 @@ def _observed(state: ServiceState, in_flight: CallsInFlight, method: str, functi
         metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
         request_id = request_id_from(metadata.get("x-request-id", ""))
         trailers = [("x-request-id", request_id)]
-        status = 200
+
+        def observe(status: int) -> None:
+            elapsed = time.perf_counter() - started
+            observe_request(state.metrics, request_id, "GRPC", route, route, status, elapsed, _client(context.peer()))
+
         try:
             if api_key is not None and not key_matches(api_key_given(metadata), api_key):
                 raise Unauthorized(WRONG_KEY)
             response = await function(request, context)
-            context.set_trailing_metadata(trailers)
-            return response
         except ServiceError as error:
-            status = error.status
+            status, code, message = error.status, STATUS_CODES.get(error.status, Code.INTERNAL), error.message
             trailers += [(name.lower(), value) for name, value in error.headers.items()]  # Retry-After of a full queue
-            await context.abort(STATUS_CODES.get(error.status, Code.INTERNAL), error.message, tuple(trailers))
         except asyncio.CancelledError:  # the client went away (or its deadline passed): its queued images went too
-            status = CANCELLED
+            observe(CANCELLED)
             raise
         except Exception:  # noqa: BLE001 - answered with a status; the traceback goes to the log
-            status = 500
             log.exception("unexpected error in gRPC request %s", request_id)
-            await context.abort(Code.INTERNAL, f"unexpected error; see the server log for request {request_id}",
-                                tuple(trailers))
-        finally:
-            elapsed = time.perf_counter() - started
-            observe_request(state.metrics, request_id, "GRPC", route, route, status, elapsed, _client(context.peer()))
+            status, code, message = 500, Code.INTERNAL, f"unexpected error; see the server log for request {request_id}"
+        else:
+            observe(200)
+            context.set_trailing_metadata(trailers)
+            return response
+        # Counted before the status leaves: abort sends it at once, and a client may read /metrics right after.
+        observe(status)
+        await context.abort(code, message, tuple(trailers))
 
     return call
 
