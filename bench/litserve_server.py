@@ -15,7 +15,7 @@ import numpy as np
 
 from modelrepo.names import VARIANT_FILES
 from service.images import ImageLimits, prepare_image
-from service.repository import version_to_serve
+from service.repository import read_version
 
 from .workload import service_session
 
@@ -26,7 +26,7 @@ class OnnxClassifierAPI(ls.LitAPI):
         self.model_dir, self.variant, self.top_k, self.device = model_dir, variant, top_k, device
 
     def setup(self, device) -> None:
-        entry = version_to_serve(self.model_dir.parent.parent, self.model_dir.parent.name, int(self.model_dir.name))
+        entry = read_version(self.model_dir.parent.parent, self.model_dir.parent.name, int(self.model_dir.name))
         self.session = service_session(self.model_dir / VARIANT_FILES[self.variant], device=self.device)
         self.input_name = self.session.get_inputs()[0].name
         self.spec, self.limits = entry.resize, ImageLimits()

@@ -15,10 +15,11 @@ import numpy as np
 import onnxruntime
 from PIL import Image
 
+from modelrepo import model_names
 from modelrepo.names import VARIANT_FILES
 from modelrepo.session import open_session, usable_cores
 from service.images import ImageLimits, prepare_image
-from service.repository import ModelVersion, find_models
+from service.repository import ModelVersion, newest_version
 
 NUM_CLASSES = 1000
 JPEG_SIZE = (320, 240)  # (width, height) of the request images
@@ -59,7 +60,8 @@ def build_model(preset: str, cache: Path, log=print, fp16: bool = False) -> Buil
         _export_random_classifier(preset, checkpoint, repo, fp16)
         done.write_text(json.dumps({"preset": preset, "export_s": round(time.perf_counter() - started, 1)}) + "\n")
         log(f"{preset}: built and exported in {time.perf_counter() - started:.0f} s -> {repo}")
-    [entry], _ = find_models(repo)
+    [name] = model_names(repo)
+    entry = newest_version(repo, name)
     return BuiltModel(preset, checkpoint, repo, entry)
 
 

@@ -14,7 +14,8 @@ from model.data import IMAGE_EXTENSIONS, decode_image, make_synthetic
 from model.mae import MaskedAutoencoder, encoder_of, image_size_of
 from model.transforms import resize_and_centre_crop
 from model.vit import VisionTransformer
-from modelrepo import ModelMetadata, VariantRecord, check_name, check_repository, staged_version, write_metadata
+from modelrepo import (ModelMetadata, VariantRecord, check_name, check_repository, read_version_policy, staged_version,
+                       write_metadata)
 from modelrepo.names import VARIANT_FILES
 from modelrepo.triton import triton_config, write_triton_config
 
@@ -146,7 +147,8 @@ def export_graph(request: ExportRequest, loaded: LoadedCheckpoint, plan: Planned
                                   {"opset": request.opset, "dynamo": request.dynamo})
         write_metadata(staged.path, metadata)
     write_triton_config(request.repo, plan.name, triton_config(plan.name, metadata.inputs, metadata.outputs,
-                                                                max_batch_size=request.max_batch_size))
+                                                                max_batch_size=request.max_batch_size,
+                                                                version_policy=read_version_policy(request.repo, plan.name)))
     return WrittenVersion(plan.name, staged.version, request.repo / plan.name / str(staged.version), metadata)
 
 

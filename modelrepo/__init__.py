@@ -1,6 +1,7 @@
 """The model repository: the on-disk contract between `vit-export` (which writes it) and `vit-serve` (which reads it).
 
     <repo>/<name>/config.pbtxt              Triton's model configuration (the same repository loads in Triton)
+    <repo>/<name>/version_policy.json       optional: which versions to serve (`VersionPolicy`; default: the newest)
     <repo>/<name>/<version>/model.onnx      the fp32 graph; variants beside it: model.int8.onnx, model.fp16.onnx
     <repo>/<name>/<version>/vitserve.json   the typed metadata (`ModelMetadata`): task, inputs, sizes, labels, ...
 
@@ -15,10 +16,11 @@ from .metadata import (
     VariantRecord,
 )
 from .names import TASKS, VARIANT_FILES, Task
+from .policy import InvalidPolicy, VersionPolicy, read_version_policy
 
 __all__ = [
-    "FORMAT_VERSION", "TASKS", "VARIANT_FILES", "Classification", "Embedding", "ImageInput", "InvalidMetadata",
+    "FORMAT_VERSION", "TASKS", "VARIANT_FILES", "Classification", "Embedding", "ImageInput", "InvalidMetadata", "InvalidPolicy",
     "ModelMetadata", "Normalization", "Reconstruction", "RepositoryError", "Task", "TensorSpec", "UnsupportedFormat",
     "VariantRecord", "check_name", "check_repository", "model_names", "read_metadata", "staged_version", "version_dirs",
-    "versions", "write_metadata",
+    "versions", "write_metadata", "VersionPolicy", "read_version_policy",
 ]

@@ -6,6 +6,7 @@ from typing import Literal
 METADATA_FILE = "vitserve.json"
 METADATA_FORMAT = "vitserve-model"  # the "format" marker that tells our metadata from any other JSON
 TRITON_CONFIG_FILE = "config.pbtxt"
+VERSION_POLICY_FILE = "version_policy.json"  # which versions of a model to serve (optional, per model)
 STAGING_PREFIX = ".staging-"  # a version being written; readers skip it
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 

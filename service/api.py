@@ -74,9 +74,15 @@ def create_app(settings: Settings) -> FastAPI:
     async def metrics_endpoint() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/models", summary="Loaded models with their labels, provider, variant and batching settings")
+    @app.get("/models", summary="Served models (newest served version of each) with their labels, provider, variant, "
+                                "batching settings and the state of every version; models that serve nothing, with why")
     async def models() -> dict:
-        return {"models": [describe_model(m, settings) for m in sorted(state.models.values(), key=lambda m: m.name)]}
+        index = state.control.index()
+        served = state.models
+        return {"models": [describe_model(m, settings, _versions_of(index, m.name)) for m in served.values()],
+                "unavailable": [{"name": name, "reason": state.control.slots[name].problem or "not loaded",
+                                 "versions": _versions_of(index, name)}
+                                for name in sorted(state.control.slots) if name not in served]}
 
     @app.post("/classify", response_model=schemas.ClassifyResponse, responses=ERROR_RESPONSES, summary="Top-k labels per image",
               openapi_extra=task_operation(HANDLERS["classify"], settings.max_images_per_request))
@@ -98,10 +104,15 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def describe_model(model: ServedModel, settings: Settings) -> dict:
+def _versions_of(index: list[dict], name: str) -> list[dict]:
+    return [{"version": int(row["version"]), "state": row["state"], "reason": row["reason"]}
+            for row in index if row["name"] == name]
+
+
+def describe_model(model: ServedModel, settings: Settings, versions: list[dict]) -> dict:
     meta, loaded = model.metadata, model.loaded
     return {
-        "name": model.name, "version": model.version, "task": meta.task,
+        "name": model.name, "version": model.version, "versions": versions, "task": meta.task,
         "inputs": [t.to_json() for t in meta.inputs], "outputs": [t.to_json() for t in meta.outputs],
         "image_size": list(meta.image.size),
         "labels": list(meta.classification.labels) if meta.classification else None,

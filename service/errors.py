@@ -44,6 +44,12 @@ class NotAcceptable(ServiceError):
     status, type = 406, "not_acceptable"
 
 
+class Conflict(ServiceError):
+    """The request is valid but not in the server's present configuration (e.g. loading models in poll mode)."""
+
+    status, type = 409, "conflict"
+
+
 class PayloadTooLarge(ServiceError):
     status, type = 413, "payload_too_large"
 

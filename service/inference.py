@@ -18,14 +18,14 @@ from .tasks.base import Item
 async def serve_task(request: Request, state: ServiceState, handler: TaskHandler) -> Response:
     images, params = await read_request(request, state.settings.max_images_per_request, handler.params_type)
     media_type = handler.media_type(request.headers.get("accept", ""), len(images))
-    model = state.model_for(handler.task, params.model)
-    prepared = await prepare_images(state, model, images, keep_source=handler.keeps_source(params))
-    work = handler.batch_work(prepared, params, model)
-    outputs = await infer(request, state, model, work.items, params.timeout_ms, work.batch_key)
-    if handler.respond_off_loop:
-        return await asyncio.get_running_loop().run_in_executor(
-            state.decode_pool, handler.respond, model, params, prepared, outputs, media_type)
-    return handler.respond(model, params, prepared, outputs, media_type)
+    with state.model_for(handler.task, params.model, params.version).lease() as model:  # held until answered
+        prepared = await prepare_images(state, model, images, keep_source=handler.keeps_source(params))
+        work = handler.batch_work(prepared, params, model)
+        outputs = await infer(request, state, model, work.items, params.timeout_ms, work.batch_key)
+        if handler.respond_off_loop:
+            return await asyncio.get_running_loop().run_in_executor(
+                state.decode_pool, handler.respond, model, params, prepared, outputs, media_type)
+        return handler.respond(model, params, prepared, outputs, media_type)
 
 
 async def prepare_images(state: ServiceState, model: ServedModel, images: list[bytes | str],

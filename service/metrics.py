@@ -5,6 +5,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0)
 
 
 class Metrics:
@@ -19,7 +20,21 @@ class Metrics:
         self.queue_wait = Histogram("vitserve_queue_wait_seconds", "Time an image waited before its batch started", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("vitserve_inference_seconds", "Time of one batch in onnxruntime", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.rejections = Counter("vitserve_rejections_total", "Requests refused or dropped, by reason", ["model", "reason"], registry=r)
-        self.model_info = Gauge("vitserve_model_info", "Loaded models (value 1)", ["model", "version", "task", "provider", "variant"], registry=r)
+        self.model_info = Gauge("vitserve_model_info", "Served model versions (value 1)", ["model", "version", "task", "provider", "variant"], registry=r)
+        self.served_version = Gauge("vitserve_model_served_version", "The newest version of a model that takes requests", ["model"], registry=r)
+        self.model_loads = Counter("vitserve_model_loads_total", "Attempts to load a model version, by outcome (success, failure)", ["model", "outcome"], registry=r)
+        self.model_unloads = Counter("vitserve_model_unloads_total", "Model versions stopped (replaced, unloaded or removed)", ["model"], registry=r)
+        self.model_load_seconds = Histogram("vitserve_model_load_seconds", "From reading a version's files to taking traffic", ["model"], buckets=LOAD_BUCKETS, registry=r)
+        self._info_series: dict[str, list[tuple[str, ...]]] = {}
+
+    def show_models(self, name: str, served: list) -> None:
+        """One `vitserve_model_info` series per served version of model `name` (a retired one disappears)."""
+        for labels in self._info_series.pop(name, []):
+            self.model_info.remove(*labels)
+        series = [(name, str(m.version), m.metadata.task, m.loaded.provider, m.loaded.variant) for m in served]
+        for labels in series:
+            self.model_info.labels(*labels).set(1)
+        self._info_series[name] = series
 
     def observer(self, model: str) -> "BatchMetrics":
         return BatchMetrics(self, model)

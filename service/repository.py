@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imageprep import ResizeSpec
-from modelrepo import ModelMetadata, RepositoryError, Task, model_names, read_metadata, versions
+from modelrepo import ModelMetadata, RepositoryError, Task, read_metadata, versions
 from modelrepo.names import VARIANT_FILES
 
 
@@ -35,43 +35,33 @@ class ModelVersion:
         return [variant for variant in VARIANT_FILES if self.variant_path(variant)]
 
 
-@dataclass(frozen=True)
-class Unservable:
-    """A model whose version to serve cannot be read (bad metadata, an unknown format): reported, not served."""
-    name: str
-    reason: str
+def read_version(repo: Path, name: str, version: int) -> ModelVersion:
+    """One committed version with its metadata; RepositoryError says what is wrong with it."""
+    path = repo / name / str(version)
+    if not path.is_dir():
+        raise RepositoryError(f"{name} has no version {version} (versions: {versions(repo, name)})")
+    return ModelVersion(name, version, path, read_metadata(path))
 
 
-def find_models(repo: Path, names: list[str] | None = None,
-                pins: dict[str, int] | None = None) -> tuple[list[ModelVersion], list[Unservable]]:
-    """The version to serve of each model (latest unless pinned), sorted by name, and the models that cannot be
-    served with the reason. A repository-wide problem (no such models, no models at all) raises RepositoryError."""
-    pins = pins or {}
-    available = model_names(repo)
-    wanted = names or available
-    missing = [n for n in wanted if n not in available]
-    if missing:
-        raise RepositoryError(f"model(s) {', '.join(missing)} not in {repo} (it holds: {', '.join(available) or 'nothing'})")
-    if not wanted:
-        raise RepositoryError(f"model repository {repo} holds no models; export one with vit-export")
-    unknown_pins = set(pins) - set(wanted)
-    if unknown_pins:
-        raise RepositoryError(f"pinned version for unknown model(s): {', '.join(sorted(unknown_pins))}")
-    found, unservable = [], []
-    for name in wanted:
-        try:
-            found.append(version_to_serve(repo, name, pins.get(name)))
-        except RepositoryError as error:
-            unservable.append(Unservable(name, str(error)))
-    return found, unservable
-
-
-def version_to_serve(repo: Path, name: str, pinned: int | None) -> ModelVersion:
+def newest_version(repo: Path, name: str) -> ModelVersion:
     present = versions(repo, name)
     if not present:
         raise RepositoryError(f"{repo / name} has no numbered version directories")
-    if pinned is not None and pinned not in present:
-        raise RepositoryError(f"{name} has no version {pinned} (versions: {present})")
-    version = pinned if pinned is not None else present[-1]
-    path = repo / name / str(version)
-    return ModelVersion(name, version, path, read_metadata(path))
+    return read_version(repo, name, present[-1])
+
+
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def fingerprint(path: Path) -> Fingerprint:
+    """What the files of a version directory are now (path, size, modification time): a version that failed to load
+    is tried again only when this changes (a copy that was still being written, a file replaced)."""
+    files = []
+    for file in sorted(path.rglob("*")):
+        try:
+            stat = file.stat()
+        except OSError:  # removed while we looked
+            continue
+        if file.is_file():
+            files.append((str(file.relative_to(path)), stat.st_size, stat.st_mtime_ns))
+    return tuple(files)

@@ -70,6 +70,10 @@ class LoadedModel:
         self.session.run_with_iobinding(binding)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
 
+    def release(self) -> None:
+        """Drop the sessions (the version was retired); whoever still runs a batch on one keeps it alive until done."""
+        self.session = self.solo_session = None
+
     def dummy_feeds(self, batch: int) -> dict[str, np.ndarray]:
         """Zeros of every input's shape and dtype (keep: the default number of visible patches)."""
         feeds = {spec.name: np.zeros([batch if spec.batched and i == 0 else d for i, d in enumerate(spec.shape)], dtype=spec.dtype)

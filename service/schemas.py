@@ -23,6 +23,8 @@ class CommonParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="model name, when the repository holds several for this task "
                                "(GET /models lists them; default: the first by name)")
+    version: int | None = Field(None, ge=1, description="model version, when the server serves several (default: the "
+                                "newest it serves)", examples=[1])
     timeout_ms: int | None = Field(None, ge=1, description="deadline for this request; at most the server's default",
                                    examples=[2000])
 

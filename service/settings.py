@@ -15,8 +15,11 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
+from modelrepo import VersionPolicy
+
 Device = Literal["auto", "cpu", "cuda"]
 Variant = Literal["auto", "fp32", "int8", "fp16"]
+ModelControlMode = Literal["none", "poll", "explicit"]
 ENV_PREFIX = "VITSERVE_"
 
 
@@ -31,6 +34,13 @@ class Settings(BaseSettings):
     models: list[str] = Field(default_factory=list, description="model names to load (default: all in the repository)")
     pin_versions: dict[str, int] = Field(default_factory=dict, description='pinned versions, e.g. {"demo-classifier": 1} '
                                          "(default: the latest version of each model)")
+    model_control: ModelControlMode = Field("none", description="none: read the repository once, at start; poll: "
+                                            "rescan it every --repository-poll-s and serve new versions without a "
+                                            "restart; explicit: only the repository API loads and unloads models "
+                                            "(POST /v2/repository/models/NAME/load|unload; --models are loaded at start)")
+    repository_poll_s: float = Field(5.0, gt=0, description="poll mode: seconds between two scans of the repository")
+    version_policy: str = Field("latest", description="versions served of a model without its own version_policy.json: "
+                                "latest (the newest), latest:N (the N newest), all, or specific:V1,V2,...")
     variant: Variant = Field("auto", description="graph variant: auto = fp16 on CUDA when exported, else fp32")
     device: Device = Field("auto", description="auto: CUDA when it really loads, else CPU (with a warning); cuda: fail without it")
 
@@ -85,6 +95,12 @@ class Settings(BaseSettings):
         if not repo.is_dir():
             raise ValueError(f"model repository {repo} is not a directory (create one with vit-export)")
         return repo
+
+    @field_validator("version_policy")
+    @classmethod
+    def _policy_must_parse(cls, policy: str) -> str:
+        VersionPolicy.parse(policy)  # InvalidPolicy is a ValueError: reported like any bad setting
+        return policy
 
     @field_validator("grpc_port", mode="before")
     @classmethod
@@ -145,7 +161,8 @@ class Settings(BaseSettings):
 
 # The sections of `vit-serve --help`, in order; every field is in exactly one.
 OPTION_GROUPS: dict[str, tuple[str, ...]] = {
-    "model repository": ("repo", "models", "pin_versions", "variant", "device"),
+    "model repository": ("repo", "models", "pin_versions", "model_control", "repository_poll_s", "version_policy",
+                         "variant", "device"),
     "server": ("host", "port", "grpc_port", "workers", "api_key", "drain_timeout_s"),
     "request limits": ("timeout_ms", "max_body_bytes", "max_images_per_request", "max_pixels"),
     "batching": ("max_batch_size", "max_delay_ms", "max_queue_images", "instances"),

@@ -10,7 +10,7 @@ from export.pipeline import ExportRequest, export_checkpoint
 from model.checkpoints import save_checkpoint
 from model.presets import vit_preset
 from model.vit import VisionTransformer
-from service.repository import find_models
+from service.repository import newest_version
 from service.runtime import load_model
 from service.settings import Settings
 
@@ -21,8 +21,7 @@ def entry(tmp_path_factory):
     torch.manual_seed(0)
     save_checkpoint(root / "checkpoint.pt", VisionTransformer(vit_preset("vit-test", num_classes=6)))
     export_checkpoint(ExportRequest(checkpoint=root / "checkpoint.pt", repo=root / "repo", name="shapes"))
-    [found], _ = find_models(root / "repo")
-    return found
+    return newest_version(root / "repo", "shapes")
 
 
 def test_a_lone_batch_on_the_solo_session_gives_the_instance_session_results(entry):

@@ -346,7 +346,7 @@ def test_malformed_json_gets_a_v2_error_not_a_422(http):
 
 @pytest.mark.parametrize("path, fragment", [
     ("/v2/models/no-such-model/infer", "unknown model 'no-such-model'"),
-    ("/v2/models/shapes/versions/2/infer", "the served version is 1"),
+    ("/v2/models/shapes/versions/2/infer", "(served: 1)"),
 ])
 def test_unknown_models_and_versions_get_404(http, path, fragment):
     v2_error(http.post(path, json=json_request(pixels_json())), 404, fragment)

@@ -34,21 +34,20 @@ LARGE_JSON_OUTPUT_ELEMENTS = 1024
 
 
 def served_model(state: ServiceState, name: str, version: str | None) -> ServedModel:
-    """The served model `name`; 404 for another name or a version that is not the one served."""
+    """The served model `name`, at `version` or its newest; 404 for another name or a version not served."""
     if state.draining:
         raise NotReady("the server is shutting down")
-    model = state.models.get(name)
-    if model is None:
-        served = ", ".join(sorted(state.models)) or "none"
-        problems = f"; not served: {'; '.join(state.problems)}" if state.problems else ""
-        raise NotFound(f"unknown model '{name}' (served: {served}){problems}")
-    if version is not None and version != str(model.version):
-        raise NotFound(f"model '{name}' has no version '{version}' being served; the served version is {model.version}")
-    return model
+    if version is not None and not version.isdigit():
+        raise NotFound(f"model '{name}' has no version '{version}': versions are numbers")
+    return state.control.version(name, int(version) if version is not None else None)
 
 
 async def serve_infer(request: Request, state: ServiceState, name: str, version: str | None) -> Response:
-    model = served_model(state, name, version)
+    with served_model(state, name, version).lease() as model:  # held until answered: a swap waits for it
+        return await _serve_infer(request, state, model)
+
+
+async def _serve_infer(request: Request, state: ServiceState, model: ServedModel) -> Response:
     body = decoded_body(await request.body(), request.headers.get("content-encoding"), state.settings.max_body_bytes)
     header_length = request.headers.get(HEADER_LENGTH)
     header, binary = split_body(body, header_length)

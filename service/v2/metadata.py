@@ -18,7 +18,7 @@ from .tensors import BYTES, datatype_of
 SERVER_NAME = "vitserve"
 PLATFORM = "onnxruntime_onnx"  # Triton's name for what runs the graphs
 IMAGE_BYTES = "image_bytes"  # encoded images (JPEG, PNG, ...), one per BYTES element
-EXTENSIONS = ("binary_tensor_data", "classification")
+EXTENSIONS = ("binary_tensor_data", "classification", "model_repository")
 
 
 @dataclass(frozen=True)
@@ -66,14 +66,15 @@ def server_metadata() -> dict:
     return {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
 
 
-def model_metadata(model: ServedModel) -> dict:
+def model_metadata(model: ServedModel, versions: list[int]) -> dict:
+    """`model`'s metadata; `versions`: every version of it being served."""
     meta = model.metadata
     parameters: dict = {"task": meta.task, "image_size": list(meta.image.size)}
     if meta.classification is not None:
         parameters["classification"] = f"the {LOGITS} output takes the parameter classification: N (top N as " \
                                        f"'logit:index:label' BYTES)"
     return {
-        "name": model.name, "versions": [str(model.version)], "platform": PLATFORM,
+        "name": model.name, "versions": [str(v) for v in versions], "platform": PLATFORM,
         "inputs": [spec.to_json() for spec in v2_inputs(meta)],
         "outputs": [{"name": spec.name, "datatype": datatype_of(spec.dtype), "shape": list(spec.shape)} for spec in meta.outputs],
         "parameters": parameters,

@@ -12,6 +12,7 @@ from ..state import ServiceState
 from .errors import PREFIX
 from .infer import serve_infer, served_model
 from .metadata import model_metadata, server_metadata
+from .repository import repository_router
 
 MODEL = "/models/{model_name}"
 VERSIONED = MODEL + "/versions/{model_version}"
@@ -37,7 +38,8 @@ def v2_router(state: ServiceState) -> APIRouter:
         return server_metadata()
 
     async def model(request: Request) -> dict:
-        return model_metadata(served_model(state, *_model_of(request)))
+        model = served_model(state, *_model_of(request))
+        return model_metadata(model, state.control.served_versions(model.name))
 
     async def model_ready(request: Request) -> dict:
         name, version = _model_of(request)
@@ -54,6 +56,7 @@ def v2_router(state: ServiceState) -> APIRouter:
                              summary="V2 inference: JSON tensors, or binary tensors after the JSON header "
                                      "(Inference-Header-Content-Length)")
 
+    router.include_router(repository_router(state))
     endpoints = list(router.routes)
 
     @router.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
