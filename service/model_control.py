@@ -331,7 +331,8 @@ class ModelControl:
             slot = self.slots.get(name)
             known = slot.status if slot else {}
             for version in sorted(set(versions(repo, name)) | set(known)):
-                status = known.get(version) or VersionStatus("UNAVAILABLE", "unloaded")
+                status = known.get(version) or VersionStatus("UNAVAILABLE", "unloaded" if slot is None else
+                                                             "not looked at yet: new since the last scan")
                 if slot is not None and version in slot.served:
                     status = VersionStatus("READY")
                 if ready_only and status.state != "READY":

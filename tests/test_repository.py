@@ -9,7 +9,8 @@ from modelrepo import (
 )
 from modelrepo.layout import write_atomically
 from modelrepo.metadata import Classification, ImageInput, Normalization, Reconstruction, TensorSpec
-from modelrepo.names import METADATA_FILE
+from modelrepo.names import METADATA_FILE, VERSION_POLICY_FILE
+from modelrepo.policy import InvalidPolicy, VersionPolicy, read_version_policy
 from modelrepo.triton import triton_config
 
 IMAGES = TensorSpec("images", "uint8", (-1, 32, 32, 3))
@@ -177,3 +178,39 @@ def test_labels_that_do_not_match_the_logits_are_refused():
     wrong = {**classifier_metadata().to_json(), "labels": ["a", "b", "c"]}  # 3 labels, 6 logits
     with pytest.raises(InvalidMetadata, match="3 labels for 6 logits"):
         ModelMetadata.from_json(wrong)
+
+
+# --- version policies ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "available", "chosen"), [
+    ("latest", [1, 2, 3], [3]),
+    ("latest:2", [3, 1, 2], [3, 2]),
+    ("latest:5", [1, 2], [2, 1]),
+    ("all", [2, 1], [2, 1]),
+    ("specific:1,3", [1, 2, 3], [3, 1]),
+    ("specific:4", [1, 2, 3], []),
+])
+def test_a_version_policy_chooses_triton_s_versions_newest_first(text, available, chosen):
+    policy = VersionPolicy.parse(text)
+    assert policy.select(available) == chosen
+    assert VersionPolicy.parse(policy.describe()) == policy
+    assert VersionPolicy.from_json(policy.to_json()) == policy
+
+
+@pytest.mark.parametrize("text", ["newest", "latest:0", "latest:x", "specific:", "specific:a,b", "all:2", "specific:0"])
+def test_a_version_policy_that_cannot_be_read_says_what_is_expected(text):
+    with pytest.raises(InvalidPolicy):
+        VersionPolicy.parse(text)
+
+
+def test_a_model_s_policy_file_is_read_and_a_broken_one_names_the_file(tmp_path):
+    (tmp_path / "m").mkdir()
+    assert read_version_policy(tmp_path, "m") is None
+    (tmp_path / "m" / VERSION_POLICY_FILE).write_text('{"latest": {"num_versions": 2}}')
+    assert read_version_policy(tmp_path, "m") == VersionPolicy("latest", num_versions=2)
+    (tmp_path / "m" / VERSION_POLICY_FILE).write_text('{"newest": {}}')
+    with pytest.raises(InvalidPolicy, match=f"m/{VERSION_POLICY_FILE}: unknown version policy 'newest'"):
+        read_version_policy(tmp_path, "m")
+    (tmp_path / "m" / VERSION_POLICY_FILE).write_text('{"specific": {"versions": [1, "two"]}}')
+    with pytest.raises(InvalidPolicy, match="specific"):
+        read_version_policy(tmp_path, "m")

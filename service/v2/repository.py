@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import BadRequest
 from ..request_parsing import validation_message
 from ..state import ServiceState
-from .errors import PREFIX
 
 TAG = "Open Inference Protocol (V2)"
 
@@ -26,7 +25,7 @@ class ControlRequest(BaseModel):
 
 
 def repository_router(state: ServiceState) -> APIRouter:
-    router = APIRouter(prefix=f"{PREFIX}/repository", tags=[TAG])
+    router = APIRouter(prefix="/repository", tags=[TAG])  # included by the V2 router, under /v2
     control = state.control
 
     @router.post("/index", summary="Every model version in the repository with its state (READY, LOADING, UNLOADING, "
