@@ -19,6 +19,7 @@ from .pipeline import ExportRequest, export_checkpoint
 
 # Every failure the export knows: its own, and those of the checkpoint and repository layers below it.
 EXPORT_ERRORS = (CheckpointError, ConfigError, RepositoryError, ExportError)
+INT8_METHODS = ("dynamic", "static")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -33,9 +34,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--preset", help="fills in what foreign weights do not reveal (heads, pooling)")
     parser.add_argument("--name", help="model name in the repository (default: from the checkpoint's path)")
     parser.add_argument("--image-size", type=int, help="export for another input size (position embeddings resized)")
-    parser.add_argument("--int8", action="store_true", help="also write a dynamically quantised CPU variant")
+    parser.add_argument("--int8", action="append", nargs="?", const="dynamic", choices=INT8_METHODS, default=[],
+                        metavar="{dynamic,static}",
+                        help="also write an int8 CPU variant: dynamic (the default; model.int8.onnx) quantises activations "
+                        "at run time; static (model.int8-static.onnx) calibrates them at export on real images: the "
+                        "checkpoint's own training images when vit-train recorded them, else --images. Repeat for both")
     parser.add_argument("--fp16", action="store_true", help="also write a half-precision variant for CUDA")
-    parser.add_argument("--images", type=Path, help="folder of real images for the checks (default: built-in synthetic images)")
+    parser.add_argument("--images", type=Path, help="folder of real images for the checks and, when the checkpoint does "
+                        "not record its training images, for static int8 calibration (default: built-in synthetic images)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size written to Triton's config.pbtxt")
     parser.add_argument("--num-heads", type=int, help="attention heads, for foreign weights of a non-standard width")
@@ -51,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in (("num_heads", args.num_heads), ("pooling", args.pooling)) if v is not None}
     request = ExportRequest(
         checkpoint=args.checkpoint, repo=args.repo, source=args.source, preset=args.preset, name=args.name,
-        image_size=args.image_size, int8=args.int8, fp16=args.fp16, images=args.images, opset=args.opset,
+        image_size=args.image_size, int8="dynamic" in args.int8, int8_static="static" in args.int8, fp16=args.fp16,
+        images=args.images, opset=args.opset,
         max_batch_size=args.max_batch_size, overrides=overrides,
     )
     try:

@@ -1,6 +1,7 @@
 """Checkpoint in, model repository versions out: pick the graphs, export, check, write metadata."""
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,18 +17,22 @@ from model.transforms import resize_and_centre_crop
 from model.vit import VisionTransformer
 from modelrepo import (ModelMetadata, VariantRecord, check_name, check_repository, read_version_policy, staged_version,
                        write_metadata)
-from modelrepo.names import VARIANT_FILES
+from modelrepo.names import IMAGES, KEEP, NOISE, VARIANT_FILES
 from modelrepo.triton import triton_config, write_triton_config
 
+from .calibration import CalibrationSet, calibration_set
 from .errors import ExportError, VariantError
 from .graphs import ClassifierGraph, EmbedderGraph, ExportGraph, ReconstructorGraph
 from .metadata import CROP_FRACTION, build_metadata
 from .onnx_export import DEFAULT_DYNAMO, DEFAULT_OPSET, check_opset, export_onnx
 from .parity import FP32_TOLERANCE, check_parity, parity_inputs
-from .variants import FP16_TOLERANCE, INT8_TOLERANCE, check_variant, compare_variant, convert_fp16, quantize_int8
+from .variants import (FP16_TOLERANCE, INT8_TOLERANCE, STATIC_INT8_TOLERANCE, check_variant, compare_variant, convert_fp16,
+                       image_batches, quantize_int8, quantize_int8_static)
 
 NUM_REAL_IMAGES = 64
-VARIANT_BUILDERS = {"int8": (quantize_int8, INT8_TOLERANCE), "fp16": (convert_fp16, FP16_TOLERANCE)}
+# kind -> (builder(src, dst), tolerance); int8-static's builder also takes the calibration input sets.
+VARIANT_BUILDERS = {"int8": (quantize_int8, INT8_TOLERANCE), "int8-static": (quantize_int8_static, STATIC_INT8_TOLERANCE),
+                    "fp16": (convert_fp16, FP16_TOLERANCE)}
 
 
 @dataclass
@@ -38,13 +43,19 @@ class ExportRequest:
     preset: str | None = None
     name: str | None = None
     image_size: int | None = None
-    int8: bool = False
+    int8: bool = False  # dynamic int8
+    int8_static: bool = False  # static int8, calibrated on real images (see export.calibration)
     fp16: bool = False
     images: Path | None = None  # real images for the parity and variant checks (default: built-in synthetic ones)
     opset: int = DEFAULT_OPSET
     dynamo: bool = DEFAULT_DYNAMO
     max_batch_size: int = 64
     overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def variant_kinds(self) -> list[str]:
+        wanted = {"int8": self.int8, "int8-static": self.int8_static, "fp16": self.fp16}
+        return [kind for kind in VARIANT_BUILDERS if wanted[kind]]
 
 
 @dataclass
@@ -75,9 +86,11 @@ def export_checkpoint(request: ExportRequest) -> list[WrittenVersion]:
     if request.image_size:
         set_image_size(loaded.model, request.image_size)
     planned = plan_graphs(loaded, base_name)
-    real_images = load_real_images(request.images, image_size_of(loaded.model))
+    size = image_size_of(loaded.model)
+    real_images = load_real_images(request.images, size)
+    calibration = calibration_set(loaded.training, request.images, size, real_images) if request.int8_static else None
     checkpoint_sha = sha256_of(request.checkpoint)
-    return [export_graph(request, loaded, plan, real_images, checkpoint_sha) for plan in planned]
+    return [export_graph(request, loaded, plan, real_images, checkpoint_sha, calibration) for plan in planned]
 
 
 def default_name(checkpoint: Path) -> str:
@@ -128,7 +141,7 @@ def sha256_of(path: Path) -> str:
 
 
 def export_graph(request: ExportRequest, loaded: LoadedCheckpoint, plan: PlannedGraph, real_images: np.ndarray,
-                 checkpoint_sha: str) -> WrittenVersion:
+                 checkpoint_sha: str, calibration: CalibrationSet | None = None) -> WrittenVersion:
     inputs = parity_inputs(plan.graph, real_images=real_images)
     # Variants are judged on the real images, all at once: top-1 agreement on noise images means little.
     if plan.task == "reconstruct":
@@ -140,8 +153,12 @@ def export_graph(request: ExportRequest, loaded: LoadedCheckpoint, plan: Planned
         export_onnx(plan.graph, inputs[0], fp32_path, opset=request.opset, dynamo=request.dynamo)
         variants = {"fp32": VariantRecord(fp32_path.name, FP32_TOLERANCE,
                                           max_abs_diff_vs_torch=check_parity(plan.graph, fp32_path, inputs, FP32_TOLERANCE))}
-        for kind in [k for k in VARIANT_BUILDERS if getattr(request, k)]:
-            variants[kind] = build_variant(kind, fp32_path, staged.path / VARIANT_FILES[kind], variant_inputs)
+        for kind in request.variant_kinds:
+            target = staged.path / VARIANT_FILES[kind]
+            if kind == "int8-static":
+                variants[kind] = build_static_int8(plan, fp32_path, target, variant_inputs, calibration)
+            else:
+                variants[kind] = build_variant(kind, fp32_path, target, variant_inputs)
         source = {"checkpoint": str(request.checkpoint), "sha256": checkpoint_sha, "format": loaded.source, "step": loaded.step}
         metadata = build_metadata(plan.name, plan.graph, loaded, variants, source,
                                   {"opset": request.opset, "dynamo": request.dynamo})
@@ -152,14 +169,33 @@ def export_graph(request: ExportRequest, loaded: LoadedCheckpoint, plan: Planned
     return WrittenVersion(plan.name, staged.version, request.repo / plan.name / str(staged.version), metadata)
 
 
-def build_variant(kind: str, reference: Path, path: Path, inputs: list[dict]) -> VariantRecord:
-    """Write a variant beside the fp32 graph and record its agreement; the export fails when it cannot be built
-    or strays outside its tolerance."""
-    convert, tolerance = VARIANT_BUILDERS[kind]
+def build_variant(kind: str, reference: Path, path: Path, inputs: list[dict], *, labels: np.ndarray | None = None,
+                  convert=None, calibration: dict | None = None) -> VariantRecord:
+    """Write a variant beside the fp32 graph and record its agreement (and accuracy, with `labels`); the export fails
+    when it cannot be built or strays outside its tolerance."""
+    builder, tolerance = VARIANT_BUILDERS[kind]
     try:
-        convert(reference, path)
-        comparison = compare_variant(reference, path, inputs)
+        (convert or builder)(reference, path)
+        comparison = compare_variant(reference, path, inputs, labels=labels)
     except Exception as error:  # noqa: BLE001 - the quantiser and converter raise whatever their internals hit
         raise VariantError(f"{kind} variant could not be built: {type(error).__name__}: {error}") from error
     check_variant(comparison, kind)
-    return VariantRecord(path.name, tolerance, agreement_vs_fp32=comparison)
+    return VariantRecord(path.name, tolerance, agreement_vs_fp32=comparison, calibration=calibration)
+
+
+def build_static_int8(plan: PlannedGraph, reference: Path, path: Path, inputs: list[dict],
+                      calibration: CalibrationSet) -> VariantRecord:
+    """Static int8 calibrated on `calibration`, judged on its held-out images (with their labels) when it has them,
+    else on the images the other variants are judged on."""
+    feeds = image_batches(calibration.images)
+    if plan.task == "reconstruct":  # the masking inputs as the service sends them: uniform noise, the default keep
+        rng = np.random.default_rng(0)
+        keep = np.array(plan.graph.default_keep, dtype=np.int64)
+        feeds = [{**feed, NOISE: rng.random((len(feed[IMAGES]), plan.graph.num_patches), dtype=np.float32), KEEP: keep}
+                 for feed in feeds]
+    labels = None
+    if calibration.held_out is not None and plan.task != "reconstruct":
+        inputs, labels = [{IMAGES: calibration.held_out}], calibration.held_out_labels if plan.task == "classify" else None
+    convert = functools.partial(quantize_int8_static, calibration=feeds)
+    return build_variant("int8-static", reference, path, inputs, labels=labels, convert=convert,
+                         calibration=calibration.describe())

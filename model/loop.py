@@ -136,6 +136,13 @@ def run(args: argparse.Namespace, task: Task) -> dict[str, Any]:
         distributed.teardown()
 
 
+def dataset_record(args: argparse.Namespace) -> dict[str, Any]:
+    """What the checkpoint says about its data, so that vit-export can rebuild the same splits (static int8
+    calibrates on the training split and measures accuracy on the validation split)."""
+    source = args.data if args.data == "synthetic" else str(Path(args.data).resolve())
+    return {"source": source, "seed": args.seed, "val_fraction": args.val_fraction, "num_synthetic": args.num_synthetic}
+
+
 @dataclass
 class Start:
     """Where a run begins: fresh, from --init-from, or resumed from its own checkpoint."""
@@ -188,7 +195,7 @@ def train(args: argparse.Namespace, task: Task, ctx: distributed.DistContext) ->
         if ctx.is_main:
             save_checkpoint(
                 checkpoint_path, model, labels=task.checkpoint_labels(data), mean=data.mean, std=data.std, step=step,
-                training={**optimisation.state(), "task": task.name, "rng": torch.get_rng_state()},
+                training={**optimisation.state(), "task": task.name, "rng": torch.get_rng_state(), "data": dataset_record(args)},
             )
 
     def validate(step: int, elapsed: float) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
     <repo>/<name>/config.pbtxt              Triton's model configuration (the same repository loads in Triton)
     <repo>/<name>/version_policy.json       optional: which versions to serve (`VersionPolicy`; default: the newest)
-    <repo>/<name>/<version>/model.onnx      the fp32 graph; variants beside it: model.int8.onnx, model.fp16.onnx
+    <repo>/<name>/<version>/model.onnx      the fp32 graph; variants beside it: model.int8.onnx, model.int8-static.onnx,
+                                            model.fp16.onnx
     <repo>/<name>/<version>/vitserve.json   the typed metadata (`ModelMetadata`): task, inputs, sizes, labels, ...
 
 The version is the directory's number and nothing else. Torch-free: both sides import it.

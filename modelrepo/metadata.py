@@ -110,6 +110,7 @@ class VariantRecord:
     tolerance: Any = None
     max_abs_diff_vs_torch: Mapping[str, Any] | None = None
     agreement_vs_fp32: Mapping[str, Any] | None = None
+    calibration: Mapping[str, Any] | None = None  # static int8: the images that set the activation ranges
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {"file": self.file, "tolerance": self.tolerance}
@@ -117,11 +118,14 @@ class VariantRecord:
             record["max_abs_diff_vs_torch"] = dict(self.max_abs_diff_vs_torch)
         if self.agreement_vs_fp32 is not None:
             record["agreement_vs_fp32"] = dict(self.agreement_vs_fp32)
+        if self.calibration is not None:
+            record["calibration"] = dict(self.calibration)
         return record
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> VariantRecord:
-        return cls(str(data["file"]), data.get("tolerance"), data.get("max_abs_diff_vs_torch"), data.get("agreement_vs_fp32"))
+        return cls(str(data["file"]), data.get("tolerance"), data.get("max_abs_diff_vs_torch"), data.get("agreement_vs_fp32"),
+                   data.get("calibration"))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ METADATA_FORMAT = "vitserve-model"  # the "format" marker that tells our metadat
 TRITON_CONFIG_FILE = "config.pbtxt"
 VERSION_POLICY_FILE = "version_policy.json"  # which versions of a model to serve (optional, per model)
 STAGING_PREFIX = ".staging-"  # a version being written; readers skip it
-VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+# int8: dynamic quantisation (activations quantised at run time); int8-static: QDQ, activation ranges calibrated at export.
+VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "int8-static": "model.int8-static.onnx",
+                 "fp16": "model.fp16.onnx"}
 
 Task = Literal["classify", "embed", "reconstruct"]
 TASKS: tuple[Task, ...] = ("classify", "embed", "reconstruct")

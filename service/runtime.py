@@ -119,8 +119,9 @@ def choose_variant(entry: ModelVersion, requested: str, on_cuda: bool) -> str:
         return "fp16" if on_cuda and entry.variant_path("fp16") else "fp32"
     if entry.variant_path(requested) is None:
         present = entry.variants_present()
+        flag = {"int8": "--int8", "int8-static": "--int8 static", "fp16": "--fp16"}.get(requested)
         raise RuntimeStartError(f"model {entry.name} v{entry.version} has no {requested} variant (it has: {', '.join(present)}); "
-                                f"export it with vit-export --{requested}" if requested != "fp32" else f"{entry.path} has no model.onnx")
+                                f"export it with vit-export {flag}" if flag else f"{entry.path} has no model.onnx")
     return requested
 
 

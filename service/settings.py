@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDic
 from modelrepo import VersionPolicy
 
 Device = Literal["auto", "cpu", "cuda"]
-Variant = Literal["auto", "fp32", "int8", "fp16"]
+Variant = Literal["auto", "fp32", "int8", "int8-static", "fp16"]
 ModelControlMode = Literal["none", "poll", "explicit"]
 ENV_PREFIX = "VITSERVE_"
 

@@ -75,3 +75,17 @@ def test_cpu_batch_size_is_the_smallest_with_the_best_time_per_image(entry):
     # per image worse beyond 2 (caches): 2, and 8 is never tried
     batch, per_image = _timed_by(model, lambda b: {1: 0.010, 2: 0.016, 4: 0.040}[b]).efficient_batch_size()
     assert batch == 2 and 8 not in per_image
+
+
+def test_a_static_int8_variant_is_served_when_asked_for_and_its_absence_says_how_to_export_it(tmp_path, entry):
+    from service.runtime import RuntimeStartError
+
+    with pytest.raises(RuntimeStartError, match=r"has no int8-static variant .* vit-export --int8 static"):
+        load_model(entry, device="cpu", variant="int8-static", intra_op_threads=1)
+    save_checkpoint(tmp_path / "checkpoint.pt", VisionTransformer(vit_preset("vit-test", num_classes=6)))
+    export_checkpoint(ExportRequest(checkpoint=tmp_path / "checkpoint.pt", repo=tmp_path / "repo", name="q", int8_static=True))
+    [quantised], _ = find_models(tmp_path / "repo")
+    model = load_model(quantised, device="cpu", variant="int8-static", intra_op_threads=1)
+    assert model.variant == "int8-static" and model.entry.variant_path("int8-static").name == "model.int8-static.onnx"
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    assert model.run({"images": images})["logits"].shape == (2, 6)
