@@ -84,7 +84,7 @@ def test_a_static_int8_variant_is_served_when_asked_for_and_its_absence_says_how
         load_model(entry, device="cpu", variant="int8-static", intra_op_threads=1)
     save_checkpoint(tmp_path / "checkpoint.pt", VisionTransformer(vit_preset("vit-test", num_classes=6)))
     export_checkpoint(ExportRequest(checkpoint=tmp_path / "checkpoint.pt", repo=tmp_path / "repo", name="q", int8_static=True))
-    [quantised], _ = find_models(tmp_path / "repo")
+    quantised = newest_version(tmp_path / "repo", "q")
     model = load_model(quantised, device="cpu", variant="int8-static", intra_op_threads=1)
     assert model.variant == "int8-static" and model.entry.variant_path("int8-static").name == "model.int8-static.onnx"
     images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
