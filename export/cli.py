@@ -32,7 +32,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repo", required=True, type=Path, help="model repository directory (created if absent)")
     parser.add_argument("--source", default="auto", choices=("auto", "vitserve", "timm", "mae", "hf"))
     parser.add_argument("--preset", help="fills in what foreign weights do not reveal (heads, pooling)")
-    parser.add_argument("--name", help="model name in the repository (default: from the checkpoint's path)")
+    parser.add_argument("--name", help="model name in the repository (default: the name vit-train stored in the checkpoint, "
+                        "its data folder's; else from the checkpoint's path)")
     parser.add_argument("--image-size", type=int, help="export for another input size (position embeddings resized)")
     parser.add_argument("--int8", action="append", nargs="?", const="dynamic", choices=INT8_METHODS, default=[],
                         metavar="{dynamic,static}",
@@ -40,8 +41,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "at run time; static (model.int8-static.onnx) calibrates them at export on real images: the "
                         "checkpoint's own training images when vit-train recorded them, else --images. Repeat for both")
     parser.add_argument("--fp16", action="store_true", help="also write a half-precision variant for CUDA")
-    parser.add_argument("--images", type=Path, help="folder of real images for the checks and, when the checkpoint does "
-                        "not record its training images, for static int8 calibration (default: built-in synthetic images)")
+    parser.add_argument("--images", type=Path, help="folder of real images for the checks (default: the checkpoint's own "
+                        "validation images when vit-train recorded them, else built-in synthetic images) and, when the "
+                        "checkpoint does not record its training images, for static int8 calibration")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument("--max-batch-size", type=int, default=64, help="max_batch_size written to Triton's config.pbtxt")
     parser.add_argument("--num-heads", type=int, help="attention heads, for foreign weights of a non-standard width")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from torch import nn
 from model.checkpoints import LoadedCheckpoint, load_checkpoint
 from model.data import IMAGE_EXTENSIONS, decode_image, make_synthetic
 from model.mae import MaskedAutoencoder, encoder_of, image_size_of
+from model.provenance import recorded_name, validation_images
 from model.transforms import resize_and_centre_crop
 from model.vit import VisionTransformer
 from modelrepo import (ModelMetadata, VariantRecord, check_name, check_repository, read_version_policy, staged_version,
@@ -78,16 +80,18 @@ def export_checkpoint(request: ExportRequest) -> list[WrittenVersion]:
     """Export every graph the checkpoint supports; returns the metadata of each version written."""
     check_repository(request.repo)
     check_opset(request.opset, request.dynamo)
-    base_name = request.name or default_name(request.checkpoint)
-    check_name(base_name)
+    if request.name:
+        check_name(request.name)
     if not request.checkpoint.exists():
         raise ExportError(f"checkpoint {request.checkpoint} does not exist")
     loaded = load_checkpoint(request.checkpoint, source=request.source, preset=request.preset, **request.overrides)
+    base_name = request.name or recorded_name(loaded.training) or default_name(request.checkpoint)
+    check_name(base_name)
     if request.image_size:
         set_image_size(loaded.model, request.image_size)
     planned = plan_graphs(loaded, base_name)
     size = image_size_of(loaded.model)
-    real_images = load_real_images(request.images, size)
+    real_images = load_real_images(request.images, size, loaded.training)
     calibration = calibration_set(loaded.training, request.images, size, real_images) if request.int8_static else None
     checkpoint_sha = sha256_of(request.checkpoint)
     return [export_graph(request, loaded, plan, real_images, checkpoint_sha, calibration) for plan in planned]
@@ -118,9 +122,16 @@ def plan_graphs(loaded: LoadedCheckpoint, name: str) -> list[PlannedGraph]:
     return [PlannedGraph(f"{name}-embed", "embed", EmbedderGraph(model, mean, std))]
 
 
-def load_real_images(folder: Path | None, size: tuple[int, int]) -> np.ndarray:
-    """uint8 (N, H, W, 3) images at the model's size: from a folder when given, else the built-in synthetic set."""
+def load_real_images(folder: Path | None, size: tuple[int, int], training: dict | None = None) -> np.ndarray:
+    """uint8 (N, H, W, 3) images at the model's size: from a folder when given, else the validation images of the
+    run that wrote the checkpoint (vit-train records them), else the built-in synthetic set."""
     if folder is None:
+        own = validation_images(training, size, NUM_REAL_IMAGES)
+        if own is not None:
+            return own[0]
+        if (training or {}).get("data", {}).get("source", "synthetic") != "synthetic":
+            logging.getLogger(__name__).warning("the checkpoint's training images (%s) cannot be read: checking on "
+                                                "built-in synthetic images instead (--images names others)", training["data"]["source"])
         return make_synthetic(NUM_REAL_IMAGES, size, seed=12345)[0]
     if not folder.is_dir():
         raise ExportError(f"--images {folder} is not a directory")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+from modelrepo import RepositoryError, check_name
+
 
 def bounded(kind: type, minimum: float, *, inclusive: bool = True, below: float | None = None) -> Callable[[str], float]:
     """A `kind` (int or float) >= minimum (> minimum when not inclusive), and < below when given."""
@@ -28,3 +30,12 @@ positive_float = bounded(float, 0, inclusive=False)
 non_negative_float = bounded(float, 0)
 fraction = bounded(float, 0, inclusive=False, below=1)  # strictly between 0 and 1
 ratio = bounded(float, 0, below=1)  # 0 included, 1 excluded
+
+
+def repository_name(text: str) -> str:
+    """A model name the model repository accepts."""
+    try:
+        check_name(text)
+    except RepositoryError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

@@ -55,12 +55,17 @@ def make_synthetic(num_images: int, image_size: Size = 32, seed: int = 0) -> tup
     if min(height, width) < 8:
         raise ValueError(f"synthetic images need at least 8x8 pixels, got {height}x{width}")
     rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(num_images) % len(SYNTHETIC_CLASSES)).astype(np.int64)
+    labels = _synthetic_labels(num_images, rng)
     images = np.empty((num_images, height, width, 3), dtype=np.uint8)
     chunk = max(1, (1 << 22) // (height * width))
     for start in range(0, num_images, chunk):
         images[start:start + chunk] = _draw_images(labels[start:start + chunk], height, width, rng)
     return images, labels
+
+
+def _synthetic_labels(num_images: int, rng: np.random.Generator) -> np.ndarray:
+    """The class of each synthetic image: balanced, shuffled; the first draw from the generator."""
+    return rng.permutation(np.arange(num_images) % len(SYNTHETIC_CLASSES)).astype(np.int64)
 
 
 def _draw_images(labels: np.ndarray, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
@@ -211,6 +216,11 @@ class ImageFolder(Dataset):
         image = decode_image(path, decode_target(self.transform))  # evaluation: the service's draft decode
         return (self.transform(image) if self.transform else image), label
 
+    def raw_item(self, index: int, target: imageprep.ResizeSpec | None = None) -> tuple[Image.Image, int]:
+        """The decoded image (drafted towards `target`, as evaluation decodes it) and its label, untransformed."""
+        path, label = self.samples[index]
+        return decode_image(path, target), label
+
     def verify(self) -> None:
         """Decode every file once; raise DataError naming the first that fails."""
         for path, _ in self.samples:
@@ -235,6 +245,10 @@ class ArrayDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image = self.images[index]
         return (self.transform(image) if self.transform else image), int(self.labels[index])
+
+    def raw_item(self, index: int, target: imageprep.ResizeSpec | None = None) -> tuple[np.ndarray, int]:
+        """The uint8 image and its label, untransformed."""
+        return self.images[index], int(self.labels[index])
 
 
 # ---------------------------------------------------------------- splits
@@ -269,12 +283,57 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> t
     return train_idx, val_idx
 
 
+# (image size, mean, std) -> the training transform of a folder
+TrainTransformFactory = Callable[[Size, Sequence[float], Sequence[float]], Callable[..., Any]]
+
+
 def load_dataset(source: str, image_size: Size, *, seed: int = 0, val_fraction: float = 0.2,
-                 num_synthetic: int = 12000, augment: bool = True) -> DataSplits:
-    """"synthetic" or a folder (root/train + root/val|validation, or root/<class> split by seed)."""
+                 num_synthetic: int = 12000, augment: bool = True,
+                 folder_augmentation: TrainTransformFactory | None = None) -> DataSplits:
+    """"synthetic" or a folder (root/train + root/val|validation, or root/<class> split by seed).
+
+    `folder_augmentation` builds a folder's training transform (default: `train_transform`); the built-in set
+    always trains with its own label-preserving shifts."""
     if source == "synthetic":
         return _load_synthetic(image_size, seed, val_fraction, num_synthetic, augment)
-    return _load_folder(Path(source), image_size, seed, val_fraction, augment)
+    return _load_folder(Path(source), image_size, seed, val_fraction, augment, folder_augmentation or train_transform)
+
+
+@dataclass(frozen=True)
+class DataSurvey:
+    """What a training recipe needs to know about a dataset before loading it at some size."""
+    source: str
+    train_images: int
+    classes: list[str]
+    typical_size: tuple[int, int] | None  # median (H, W) of the training images; None for the built-in set
+
+    @property
+    def is_folder(self) -> bool:
+        return self.source != "synthetic"
+
+
+SURVEY_SAMPLE = 200  # image headers read to find the typical size
+
+
+def survey_dataset(source: str, *, seed: int = 0, val_fraction: float = 0.2, num_synthetic: int = 12000) -> DataSurvey:
+    """Count the training images and classes of the split `load_dataset` makes, and the images' typical size
+    (from the headers of an even sample, nothing decoded); DataError for what `load_dataset` would refuse."""
+    if source == "synthetic":
+        labels = _synthetic_labels(num_synthetic, np.random.default_rng(seed))
+        train_idx, _ = stratified_split(labels, val_fraction, seed)
+        return DataSurvey(source, len(train_idx), list(SYNTHETIC_CLASSES), None)
+    splits = _load_folder(Path(source), 32, seed, val_fraction, augment=False, augmentation=train_transform)
+    samples = splits.train.samples
+    picked = [samples[i][0] for i in np.linspace(0, len(samples) - 1, min(SURVEY_SAMPLE, len(samples))).astype(int)]
+    sizes = []
+    for path in picked:
+        try:
+            with Image.open(path) as image:
+                sizes.append((image.height, image.width))
+        except OSError as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from exc
+    height, width = (int(v) for v in np.median(np.array(sizes), axis=0))
+    return DataSurvey(str(Path(source).resolve()), len(samples), splits.classes, (height, width))
 
 
 def _load_synthetic(image_size: Size, seed: int, val_fraction: float, num_images: int, augment: bool) -> DataSplits:
@@ -288,10 +347,11 @@ def _load_synthetic(image_size: Size, seed: int, val_fraction: float, num_images
                       classes=classes, mean=SYNTHETIC_MEAN, std=SYNTHETIC_STD)
 
 
-def _load_folder(root: Path, image_size: Size, seed: int, val_fraction: float, augment: bool) -> DataSplits:
+def _load_folder(root: Path, image_size: Size, seed: int, val_fraction: float, augment: bool,
+                 augmentation: TrainTransformFactory) -> DataSplits:
     _class_dirs(root)  # clear errors for a missing path or an empty root before anything else
     evaluate = eval_transform(image_size, IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = train_transform(image_size, IMAGENET_MEAN, IMAGENET_STD) if augment else evaluate
+    train_tf = augmentation(image_size, IMAGENET_MEAN, IMAGENET_STD) if augment else evaluate
     val_dir = next((root / name for name in VAL_DIR_NAMES if (root / name).is_dir()), None)
     if (root / "train").is_dir() and val_dir is not None:
         train, val = ImageFolder(root / "train", train_tf), ImageFolder(val_dir, evaluate)

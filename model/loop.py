@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -19,13 +20,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .checkpoints import load_checkpoint, save_checkpoint
-from .data import DataSplits, load_dataset
+from .baseline import fit_baseline
+from .checkpoints import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from .data import DataSplits, load_dataset, survey_dataset
+from .ema import WeightAverage
 from .optim import build_optimizer, build_scheduler
 from .plots import plot_curves
 from .presets import ConfigError
+from .provenance import data_record, model_name, recorded_name
 from .progress import Progress
 from .mae import image_size_of
+from .recipe import Recipe, choose_recipe
 from .tasks import Task
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -74,23 +79,17 @@ class Schedule:
     warmup_steps: int
 
     @classmethod
-    def plan(cls, args: argparse.Namespace, samples_per_rank: int, world_size: int, train_size: int) -> "Schedule":
-        steps_per_epoch = samples_per_rank // args.batch_size
-        if steps_per_epoch == 0:
-            raise ConfigError(f"batch size {args.batch_size} x {world_size} processes is larger than the training set ({train_size} images)")
-        total = args.epochs * steps_per_epoch
-        if args.max_steps:
-            total = min(total, args.max_steps)
-        warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total // 20)
-        return cls(steps_per_epoch, total, warmup)
+    def plan(cls, recipe: Recipe, samples_per_rank: int) -> "Schedule":
+        # the recipe fits its batch to the data, so a pass over it has at least one step
+        return cls(max(1, samples_per_rank // recipe.batch_size), recipe.steps, recipe.warmup_steps)
 
 
 class Optimisation:
     """One optimiser step: backward (scaled under fp16), gradient clipping, step, schedule."""
 
-    def __init__(self, model: nn.Module, args: argparse.Namespace, schedule: Schedule, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, args: argparse.Namespace, recipe: Recipe, schedule: Schedule, device: torch.device) -> None:
         self.model, self.clip_grad = model, args.clip_grad
-        self.optimizer = build_optimizer(model, args.lr, args.weight_decay)
+        self.optimizer = build_optimizer(model, recipe.lr, recipe.weight_decay, layer_decay=recipe.layer_decay)
         self.scheduler = build_scheduler(self.optimizer, schedule.warmup_steps, schedule.total_steps)
         self.autocast, self.scaler = autocast_for(args.amp, device)
 
@@ -112,7 +111,7 @@ class Optimisation:
 
     @property
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return max(self.scheduler.get_last_lr())  # the top layers' rate under layer-wise decay
 
     def state(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
@@ -136,86 +135,115 @@ def run(args: argparse.Namespace, task: Task) -> dict[str, Any]:
         distributed.teardown()
 
 
-def dataset_record(args: argparse.Namespace) -> dict[str, Any]:
-    """What the checkpoint says about its data, so that vit-export can rebuild the same splits (static int8
-    calibrates on the training split and measures accuracy on the validation split)."""
-    source = args.data if args.data == "synthetic" else str(Path(args.data).resolve())
-    return {"source": source, "seed": args.seed, "val_fraction": args.val_fraction, "num_synthetic": args.num_synthetic}
-
-
 @dataclass
 class Start:
     """Where a run begins: fresh, from --init-from, or resumed from its own checkpoint."""
-    model: nn.Module
+    model: nn.Module  # the weights to train (a resumed run's raw weights, not its average)
     data: DataSplits
-    image_size: tuple[int, int]
+    recipe: Recipe
     step: int
     resumed: bool
     training_state: dict[str, Any]
+    averaged: dict[str, torch.Tensor] | None  # a resumed run's weight average
 
 
-def start(args: argparse.Namespace, task: Task, checkpoint_path: Path) -> Start:
+def fresh_recipe(args: argparse.Namespace, task: Task, init: LoadedCheckpoint | None, world_size: int = 1) -> Recipe:
+    """The recipe of a new run on `args.data`, starting from `init` (--init-from) or from scratch."""
+    survey = survey_dataset(args.data, seed=args.seed, val_fraction=args.val_fraction, num_synthetic=args.num_synthetic)
+    return choose_recipe(args, task.name, task.defaults, survey, init.kind if init else None,
+                         image_size_of(init.model)[0] if init else None, world_size)
+
+
+def start(args: argparse.Namespace, task: Task, checkpoint_path: Path, world_size: int) -> Start:
+    """Check everything a run needs (checkpoint, data, recipe, model) before anything is written."""
     resumed = args.resume and checkpoint_path.exists()
     start_from = checkpoint_path if resumed else args.init_from
     loaded = load_checkpoint(start_from) if start_from else None
-    if resumed and (loaded.training or {}).get("task", task.name) != task.name:
-        raise ConfigError(f"{checkpoint_path} was written by 'vit-train {loaded.training['task']}'; resume it with that mode")
-    image_size = image_size_of(loaded.model) if resumed else task.initial_image_size(loaded)
-    data = load_dataset(args.data, image_size, seed=args.seed, val_fraction=args.val_fraction, num_synthetic=args.num_synthetic)
-    if resumed:
-        return Start(loaded.model.train(), data, image_size, loaded.step, True, loaded.training or {})
-    return Start(task.build_model(data, loaded), data, image_size, 0, False, {})
+    training = (loaded.training or {}) if resumed else {}
+    if resumed and training.get("task", task.name) != task.name:
+        raise ConfigError(f"{checkpoint_path} was written by 'vit-train {training['task']}'; resume it with that mode")
+    if resumed and "recipe" in training:
+        recipe = Recipe.from_dict(training["recipe"])
+    elif resumed:  # a checkpoint older than recipes
+        recipe = dataclasses.replace(fresh_recipe(args, task, None, world_size), image_size=image_size_of(loaded.model)[0])
+    else:
+        recipe = fresh_recipe(args, task, loaded, world_size)
+    task.recipe = recipe
+    data = load_dataset(args.data, recipe.image_size, seed=args.seed, val_fraction=args.val_fraction,
+                        num_synthetic=args.num_synthetic, folder_augmentation=recipe.folder_augmentation)
+    if not resumed:
+        return Start(task.build_model(data, loaded), data, recipe, 0, False, {}, None)
+    model, averaged = loaded.model.train(), None
+    if "raw_model" in training:  # the checkpoint holds the weight average; training goes on from the raw weights
+        averaged = model.state_dict()
+        model.load_state_dict(training["raw_model"])
+    if task.name == "classifier":
+        model.set_drop_path(recipe.drop_path)
+    return Start(model, data, recipe, loaded.step, True, training, averaged)
 
 
 def train(args: argparse.Namespace, task: Task, ctx: distributed.DistContext) -> dict[str, Any]:
     out: Path = args.out
     checkpoint_path = out / CHECKPOINT_NAME
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    begin = start(args, task, checkpoint_path)
-    model, data, training_state = begin.model.to(ctx.device), begin.data, begin.training_state
+    begin = start(args, task, checkpoint_path, ctx.world_size)
+    model, data, recipe, training_state = begin.model.to(ctx.device), begin.data, begin.recipe, begin.training_state
 
     sampler = distributed.ShardedEpochSampler(len(data.train), ctx, seed=args.seed)
-    schedule = Schedule.plan(args, len(sampler), ctx.world_size, len(data.train))
-    optimisation = Optimisation(model, args, schedule, ctx.device)
+    schedule = Schedule.plan(recipe, len(sampler))
+    optimisation = Optimisation(model, args, recipe, schedule, ctx.device)
+    average = WeightAverage(model, recipe.ema_decay) if recipe.ema_decay > 0 else None
     if training_state:
         optimisation.load_state(training_state)
+        if average is not None and begin.averaged is not None:
+            average.load_state(begin.averaged, training_state["average"])
         if ctx.is_main:  # augmentation and masking continue exactly where they stopped
             torch.set_rng_state(training_state["rng"])
+    evaluated = average.model if average is not None else model  # what validation sees and the checkpoint keeps
     wrapped = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None) if ctx.distributed else model
+    baseline = fit_baseline(data) if getattr(args, "baseline", False) and ctx.is_main else None  # fails early without scikit-learn
 
+    # Everything checked: only now does the run leave anything on disk.
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     # A private generator keeps the loader from drawing on the global RNG, which augmentation and masking use.
-    loader_kwargs = dict(batch_size=args.batch_size, num_workers=args.workers, drop_last=True, generator=torch.Generator())
+    loader_kwargs = dict(batch_size=recipe.batch_size, num_workers=args.workers, drop_last=True, generator=torch.Generator())
     val_loader = torch.utils.data.DataLoader(data.val, batch_size=256, num_workers=args.workers, generator=torch.Generator())
     log = MetricsLog(out / "metrics.jsonl", ctx.is_main, begin.step if begin.resumed else None)
     save_every = args.save_every or schedule.steps_per_epoch
     eval_every = args.eval_every or schedule.steps_per_epoch
+    record = training_state.get("data") or data_record(args)
+    name = recorded_name(training_state) or model_name(task.name, getattr(args, "name", None), record)
 
     def checkpoint(step: int) -> None:
         if ctx.is_main:
+            extra = {"raw_model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                     "average": average.state()} if average is not None else {}
             save_checkpoint(
-                checkpoint_path, model, labels=task.checkpoint_labels(data), mean=data.mean, std=data.std, step=step,
-                training={**optimisation.state(), "task": task.name, "rng": torch.get_rng_state(), "data": dataset_record(args)},
+                checkpoint_path, evaluated, labels=task.checkpoint_labels(data), mean=data.mean, std=data.std, step=step,
+                training={**optimisation.state(), "task": task.name, "rng": torch.get_rng_state(),
+                          "recipe": recipe.to_dict(), "data": record, "name": name, **extra},
             )
 
     def validate(step: int, elapsed: float) -> dict[str, float]:
         result: dict[str, float] = {}
         if ctx.is_main:
-            result = task.evaluate(model, val_loader, ctx.device)
+            result = task.evaluate(evaluated, val_loader, ctx.device)
             log.add({"split": "val", "step": step, "elapsed_s": round(elapsed, 2), **result})
         distributed.barrier(ctx)
         return result
 
     threads = torch.get_num_threads()
     progress = Progress(args.progress if ctx.is_main else "off", task.name, schedule.total_steps, begin.step)
-    progress.say(f"{type(model).__name__} at {begin.image_size[0]}x{begin.image_size[1]} on {ctx.device}"
+    progress.say(f"{type(model).__name__} at {recipe.image_size}x{recipe.image_size} on {ctx.device}"
                  + (f" x {ctx.world_size} processes" if ctx.distributed else f", {threads} thread{'s' if threads > 1 else ''}")
-                 + f"; {len(data.train)} training images, {schedule.total_steps} steps of {args.batch_size} -> {out}")
+                 + f"; {len(data.train)} training images, {schedule.total_steps} steps of {recipe.batch_size} -> {out}")
+    for line in [*recipe.describe(), *(f"init: {note}" for note in task.init_notes)]:
+        progress.say(line)
     step = begin.step
     last_val: dict[str, float] = {}
     while step < schedule.total_steps:
         epoch, done_in_epoch = divmod(step, schedule.steps_per_epoch)
-        sampler.set_epoch(epoch, skip_samples=done_in_epoch * args.batch_size)
+        sampler.set_epoch(epoch, skip_samples=done_in_epoch * recipe.batch_size)
         loader = torch.utils.data.DataLoader(data.train, sampler=sampler, **loader_kwargs)
         for images, labels in loader:
             images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
@@ -224,6 +252,8 @@ def train(args: argparse.Namespace, task: Task, ctx: distributed.DistContext) ->
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr or check the data")
             optimisation.step(loss)
+            if average is not None:
+                average.update(model)
             step += 1
             train_loss = None
             if step % LOG_EVERY == 0 or step == schedule.total_steps:
@@ -242,9 +272,17 @@ def train(args: argparse.Namespace, task: Task, ctx: distributed.DistContext) ->
     summary: dict[str, Any] = {"task": task.name, "steps": step, "train_seconds": round(progress.elapsed(), 1)}
     if ctx.is_main:
         summary.update({f"val_{k}": v for k, v in (last_val or validate(step, 0.0)).items()})
+        accuracies = [r["accuracy"] for r in log.records if r.get("split") == "val" and "accuracy" in r]
+        if accuracies:
+            summary["best_val_accuracy"] = max(accuracies)
         summary["checkpoint"] = str(checkpoint_path)
+        summary["recipe"] = recipe.to_dict()
+        if baseline is not None:
+            summary["baseline"] = baseline
+            progress.say("baseline on the raw pixels of the same split: "
+                         + ", ".join(f"{name} {acc:.4f}" for name, acc in baseline["val_accuracy"].items()))
         plot_curves(log.records, out / "curves.png")
-        task.write_artefacts(model, data, out, ctx.device)
+        summary.update(task.write_artefacts(evaluated, data, out, ctx.device))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     distributed.barrier(ctx)
     return summary

@@ -47,3 +47,26 @@ def plot_reconstructions(originals: np.ndarray, masked: np.ndarray, reconstructe
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
+    """The confusion matrix (rows: true class, columns: predicted), each row shaded by its share, counts written in."""
+    count = len(classes)
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    side = min(2 + 0.45 * count, 16)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    shown = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(shown, ax=ax, label="share of the true class")
+    ticks = np.arange(count)
+    ax.set_xticks(ticks, classes, rotation=90 if count > 6 else 0)
+    ax.set_yticks(ticks, classes)
+    ax.set(xlabel="predicted", ylabel="true", title=f"validation: {np.trace(matrix)} of {matrix.sum()} correct")
+    if count <= 30:  # beyond that the numbers would not fit their cells
+        for row in range(count):
+            for col in range(count):
+                if matrix[row, col]:
+                    ax.text(col, row, str(matrix[row, col]), ha="center", va="center", fontsize=8,
+                            color="white" if shares[row, col] > 0.5 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -57,6 +57,9 @@ class Progress:
                      + (f", loss {self.last_loss:.4f}" if self.last_loss is not None else ""))
 
     def validated(self, step: int, metrics: dict[str, float]) -> None:
+        if self.bar is not None:  # the bar's last line shows the latest validation, not the one before
+            self.bar.set_postfix(**({"loss": f"{self.last_loss:.4f}"} if self.last_loss is not None else {}),
+                                 **{f"val_{k}": f"{v:.4f}" for k, v in metrics.items()})
         self.say(f"step {step}/{self.total}, {self.elapsed():.0f} s: " + ", ".join(f"val {k} {v:.4f}" for k, v in metrics.items()))
 
     def close(self) -> None:

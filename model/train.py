@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from . import loop, progress
-from .argtypes import fraction, non_negative_float, non_negative_int, positive_float, positive_int
+from .argtypes import fraction, repository_name, non_negative_float, non_negative_int, positive_float, positive_int
 from .checkpoints import CheckpointError, LoadedCheckpoint
 from .data import DataSplits
 from .presets import MAE_PRESETS, VIT_PRESETS, ConfigError
@@ -90,6 +90,9 @@ def _add_options(parser: Parser, task: type[Task]) -> None:
 
     run = parser.add_argument_group("output and checkpoints")
     run.add_argument("--out", required=True, type=Path, metavar="DIR", help=f"output directory; the checkpoint is DIR/{loop.CHECKPOINT_NAME}")
+    run.add_argument("--name", type=repository_name, metavar="NAME",
+                     help="the model's name in a model repository, stored in the checkpoint for vit-export "
+                     "(default: the data folder's name; none for the built-in images)")
     run.add_argument("--resume", action="store_true", help=f"continue from DIR/{loop.CHECKPOINT_NAME} if it exists")
     run.add_argument("--save-every", type=non_negative_int, default=0, metavar="N", help="also checkpoint every N steps; 0: at the end of each epoch")
     run.add_argument("--eval-every", type=non_negative_int, default=0, metavar="N", help="validate every N steps; 0: at the end of each epoch")
@@ -102,22 +105,33 @@ def _add_options(parser: Parser, task: type[Task]) -> None:
     data.add_argument("--num-synthetic", type=positive_int, default=12000, metavar="N", help="size of the built-in dataset")
     data.add_argument("--val-fraction", type=fraction, default=0.2, metavar="F", help="share held out for validation (when the folder has no val/)")
     data.add_argument("--workers", type=non_negative_int, default=0, metavar="N", help="data-loading worker processes")
+    data.add_argument("--hflip", action=argparse.BooleanOptionalAction,
+                      help="random horizontal flips: only where a mirror image keeps its class (not digits or text) "
+                      "(default: on for the built-in images, off for a folder)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--preset", default=defaults["preset"], metavar="NAME", help=f"model size, one of {known}; ignored with --init-from")
-    model.add_argument("--init-from", type=Path, metavar="CKPT", help="start from this checkpoint (an MAE checkpoint fine-tunes its encoder)")
-    model.add_argument("--image-size", type=positive_int, metavar="PX", help="input resolution (default: the preset's or checkpoint's)")
+    model.add_argument("--preset", metavar="NAME",
+                       help=f"model size, one of {known}; ignored with --init-from (default: {defaults['preset']} on the built-in "
+                       "images; for a folder, a small model chosen from the data)")
+    model.add_argument("--init-from", type=Path, metavar="CKPT",
+                       help="start from this checkpoint: ours, timm, official MAE or Hugging Face (an MAE fine-tunes its encoder; "
+                       "the head is replaced when the classes differ)")
+    model.add_argument("--image-size", type=positive_int, metavar="PX",
+                       help="input resolution (default: the preset's or checkpoint's; for a folder, from the images' size)")
     model.add_argument("--pooling", choices=("cls", "gap", "map"), help="pooling of the patch tokens (default: the preset's)")
     model.add_argument("--stem", choices=("linear", "conv"), help="patch embedding: linear projection or convolutional stem (default: the preset's)")
 
     task.add_options(parser.add_argument_group(f"{task.name} options"))
 
-    optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--epochs", type=positive_int, default=defaults["epochs"], metavar="N", help="passes over the training set")
-    optimisation.add_argument("--max-steps", type=positive_int, metavar="N", help="stop after N optimizer steps when that comes before --epochs")
-    optimisation.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"], metavar="N", help="images per step and process")
-    optimisation.add_argument("--lr", type=positive_float, default=defaults["lr"], help="peak learning rate (AdamW, warm-up then cosine)")
-    optimisation.add_argument("--weight-decay", type=non_negative_float, default=defaults["weight_decay"], metavar="W", help="AdamW decay of the weight matrices")
+    demo = f"(default: on the built-in images %s; for a folder, from the data)"
+    optimisation = parser.add_argument_group(
+        "optimisation", "Unset, each is chosen by the recipe: the demo's values on the built-in images, values that\n"
+        "follow the data for a folder (printed at the start, stored in the checkpoint and summary.json).")
+    optimisation.add_argument("--epochs", type=positive_int, metavar="N", help="passes over the training set " + demo % defaults["epochs"])
+    optimisation.add_argument("--max-steps", type=positive_int, metavar="N", help="stop after N optimizer steps when that comes first")
+    optimisation.add_argument("--batch-size", type=positive_int, metavar="N", help="images per step and process, cut to the data " + demo % defaults["batch_size"])
+    optimisation.add_argument("--lr", type=positive_float, help="peak learning rate (AdamW, warm-up then cosine) " + demo % defaults["lr"])
+    optimisation.add_argument("--weight-decay", type=non_negative_float, metavar="W", help="AdamW decay of the weight matrices " + demo % defaults["weight_decay"])
     optimisation.add_argument("--warmup-steps", type=non_negative_int, metavar="N", help="linear warm-up length (default: 5%% of the steps)")
     optimisation.add_argument("--clip-grad", type=non_negative_float, default=1.0, metavar="NORM", help="max gradient norm (0 disables)")
 
@@ -142,8 +156,10 @@ def task_of(args: argparse.Namespace) -> Task:
 
 
 def build_model(args: argparse.Namespace, data: DataSplits, loaded: LoadedCheckpoint | None) -> nn.Module:
-    """The model `vit-train` would start training (fresh, or from --init-from)."""
-    return task_of(args).build_model(data, loaded)
+    """The model `vit-train` would start training (fresh, or from --init-from), under the recipe it would choose."""
+    task = task_of(args)
+    task.recipe = loop.fresh_recipe(args, task, loaded)
+    return task.build_model(data, loaded)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

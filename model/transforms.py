@@ -19,6 +19,7 @@ from PIL import Image
 
 from imageprep import DEFAULT_CROP_FRACTION, ResizeSpec, resize_for_model
 from model.presets import as_size
+from model.randaugment import RandAugment
 
 ImageLike = Union[Image.Image, np.ndarray]
 Size = Union[int, tuple[int, int]]
@@ -88,19 +89,22 @@ class EvalTransform:
 
 
 class TrainTransform:
-    """Random-resized crop (bicubic), optional horizontal flip, mild colour jitter, normalise."""
+    """Random-resized crop (bicubic), optional horizontal flip, optional RandAugment, mild colour jitter, normalise."""
 
     def __init__(self, image_size: Size, mean: Sequence[float], std: Sequence[float], *, hflip: bool = True,
                  scale: tuple[float, float] = (0.35, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 jitter: float = 0.2):
+                 jitter: float = 0.2, randaugment: RandAugment | None = None):
         self.size = as_size(image_size)
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
         self.hflip, self.scale, self.ratio, self.jitter = hflip, scale, ratio, jitter
+        self.randaugment = randaugment
 
     def __call__(self, image: ImageLike, generator: torch.Generator | None = None) -> torch.Tensor:
         pil = _to_pil(image)
         box = self.crop_box(pil.width, pil.height, generator)
         pil = pil.resize(self.size[::-1], Image.BICUBIC, box=box)
+        if self.randaugment is not None:  # at the model's size: cheap, and the same strength for any source size
+            pil = self.randaugment(pil, generator)
         array = np.asarray(pil)
         if self.hflip and _uniform(0, 1, generator) < 0.5:
             array = array[:, ::-1]
@@ -161,8 +165,10 @@ class ShiftTransform:
 
 
 def train_transform(image_size: Size, mean: Sequence[float], std: Sequence[float], *, hflip: bool = True,
-                    scale: tuple[float, float] = (0.35, 1.0)) -> TrainTransform:
-    return TrainTransform(image_size, mean, std, hflip=hflip, scale=scale)
+                    scale: tuple[float, float] = (0.35, 1.0), randaugment: RandAugment | None = None) -> TrainTransform:
+    # RandAugment brings its own colour operations: no extra jitter on top.
+    return TrainTransform(image_size, mean, std, hflip=hflip, scale=scale, randaugment=randaugment,
+                          jitter=0.0 if randaugment else 0.2)
 
 
 def eval_transform(image_size: Size, mean: Sequence[float], std: Sequence[float]) -> EvalTransform:

@@ -43,8 +43,24 @@ class Mlp(nn.Sequential):
         self.fc2 = nn.Linear(hidden, dim)
 
 
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al.): in training, drop a residual branch for a random share `rate` of the
+    samples and scale the rest up; the identity in evaluation. A training setting, not part of the config."""
+
+    def __init__(self, rate: float = 0.0) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)) (each branch under stochastic depth)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, eps: float = 1e-6) -> None:
         super().__init__()
@@ -52,10 +68,11 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class LinearPatchEmbed(nn.Module):
@@ -211,6 +228,12 @@ class VisionTransformer(nn.Module):
         resized = resize_pos_embed(self.pos_embed.data, self.config.grid_size, new_config.grid_size, self.num_prefix_tokens)
         self.pos_embed = nn.Parameter(resized, requires_grad=self.pos_embed.requires_grad)
         self.config = new_config
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth rising linearly from 0 at the first block to `rate` at the last."""
+        depth = len(self.blocks)
+        for index, block in enumerate(self.blocks):
+            block.drop_path.rate = rate * index / max(1, depth - 1)
 
     def reset_head(self, num_classes: int) -> None:
         """Replace the classification head (e.g. when fine-tuning on other labels)."""

@@ -147,11 +147,11 @@ def test_two_process_gloo_ddp_trains_and_only_rank0_writes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_checkpoint(out / "checkpoint.pt").step == 4
     # one summary printed (rank 0), and one writer of the metrics log
-    assert result.stdout.count('"task": "classifier"') == 1
+    assert result.stdout.count('\n  "task": "classifier"') == 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     keys = [(r["split"], r["step"]) for r in records]
     assert keys and len(keys) == len(set(keys)), "a second process wrote to the metrics log"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "curves.png", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "confusion.png", "curves.png", "metrics.jsonl", "summary.json"]
 
 
 @pytest.mark.slow

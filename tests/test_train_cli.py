@@ -42,12 +42,14 @@ def test_mae_help_lists_its_own_options_in_groups_with_defaults():
     mae_options = flat(out.split("mae options:")[1].split("optimisation:")[0])
     assert "--mask-ratio F share of patches hidden from the encoder (default: 0.75)" in mae_options
     assert "--norm-pix-loss" in mae_options
-    assert "(default: mae-demo)" in flat(out) and "--label-smoothing" not in out
+    assert "(default: mae-demo on the built-in images; for a folder, a small model chosen from the data)" in flat(out)
+    assert "--label-smoothing" not in out
 
 
 def test_classifier_help_shows_the_demo_defaults():
     out = flat(vit_train("classifier", "--help").stdout)
-    assert "(default: vit-demo)" in out and "--label-smoothing" in out and "--mask-ratio" not in out
+    assert "(default: vit-demo on the built-in images" in out and "--label-smoothing" in out and "--mask-ratio" not in out
+    assert "(default: on the built-in images 0.002; for a folder, from the data)" in out  # --lr
     assert "(default: synthetic)" in out
 
 
@@ -80,7 +82,7 @@ def test_a_bad_flag_is_a_usage_error_not_a_traceback(tmp_path, argv, message):
 def test_no_mode_means_classifier():
     assert parse_args(["--out", "d"]).task == "classifier"
     assert parse_args(["mae", "--out", "d"]).task == "mae"
-    assert parse_args(["--out", "d"]).preset == "vit-demo" and parse_args(["mae", "--out", "d"]).preset == "mae-demo"
+    assert parse_args(["--out", "d"]).preset is None  # the recipe decides: vit-demo on the built-in images
 
 
 def test_progress_lines_name_the_run_and_report_each_validation(tmp_path):
