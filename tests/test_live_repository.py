@@ -204,6 +204,8 @@ def test_tritonclient_loads_and_unloads_in_explicit_mode(repo):
         error = assert_error(classify(server, model="other"), 404, "not_found")
         assert "other" in error["message"]
         assert httpx.get(f"{server.url}/readyz").status_code == 200  # the models still wanted all serve
+        ready_only = httpx.post(f"{server.url}/v2/repository/index", json={"ready": True}).json()
+        assert ready_only == [{"name": "shapes", "version": "1", "state": "READY", "reason": ""}]
 
         with pytest.raises(InferenceServerException, match="no model 'missing' in the repository"):
             client.load_model("missing")
@@ -266,3 +268,27 @@ def _base64(data: bytes) -> str:
     import base64
 
     return base64.b64encode(data).decode()
+
+
+def test_tritonclient_grpc_lists_loads_and_unloads(repo):
+    import tritonclient.grpc as triton_grpc
+
+    from tests.serving_harness import free_port
+
+    port = free_port()
+    server = Server(repo, model_control="explicit", models='["shapes"]', grpc_port=str(port))
+    client = triton_grpc.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        rows = {(m.name, m.version): (m.state, m.reason) for m in client.get_model_repository_index().models}
+        assert rows == {("shapes", "1"): ("READY", ""), ("other", "1"): ("UNAVAILABLE", "unloaded")}
+        client.load_model("other")
+        assert client.is_model_ready("other")
+        client.unload_model("other")
+        assert not client.is_model_ready("other")
+        assert {m.name: m.state for m in client.get_model_repository_index().models} == {"shapes": "READY", "other": "UNAVAILABLE"}
+        with pytest.raises(InferenceServerException, match="no model 'missing'") as caught:
+            client.load_model("missing")
+        assert caught.value.status() == "StatusCode.NOT_FOUND"
+    finally:
+        client.close()
+        assert server.stop() == 0

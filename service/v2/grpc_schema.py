@@ -10,7 +10,8 @@ must match the protobuf runtime's major version. Declared here, the `grpc` extra
 comes with onnxruntime), and any protobuf from 4.25 reads it. The classes live in a pool of their own, so a process
 that also holds a client's generated `inference.*` classes (a test) has no clash.
 
-Only the six methods vitserve serves are declared (SERVICE, METHODS); a client calling another one gets UNIMPLEMENTED.
+Only the methods vitserve serves are declared (SERVICE, METHODS): the six of the specification and the three of the
+model repository extension (Triton's); a client calling another one gets UNIMPLEMENTED.
 The wire format depends on field numbers and types only; the names follow the specification so that the messages read
 as it does. `version` and `model_version` are plain strings (proto3 `optional` in the newest text): the same bytes on
 the wire, "" when not given."""
@@ -101,6 +102,21 @@ MESSAGES: tuple[Message, ...] = (
         scalar("bool_param", 1, BOOL), scalar("int64_param", 2, INT64), scalar("string_param", 3, STRING),
         scalar("double_param", 4, DOUBLE), scalar("uint64_param", 5, UINT64),
     ), oneof="parameter_choice"),
+    # the model repository extension
+    Message("RepositoryIndexRequest", (scalar("repository_name", 1, STRING), scalar("ready", 2, BOOL))),
+    Message("RepositoryIndexResponse", (repeated("models", 1, "RepositoryIndexResponse.ModelIndex"),), nested=(
+        Message("ModelIndex", (scalar("name", 1, STRING), scalar("version", 2, STRING), scalar("state", 3, STRING),
+                               scalar("reason", 4, STRING))),)),
+    Message("RepositoryModelLoadRequest", (scalar("repository_name", 1, STRING), scalar("model_name", 2, STRING),
+                                           mapping("parameters", 3, "ModelRepositoryParameter"))),
+    Message("RepositoryModelLoadResponse"),
+    Message("RepositoryModelUnloadRequest", (scalar("repository_name", 1, STRING), scalar("model_name", 2, STRING),
+                                             mapping("parameters", 3, "ModelRepositoryParameter"))),
+    Message("RepositoryModelUnloadResponse"),
+    Message("ModelRepositoryParameter", (
+        scalar("bool_param", 1, BOOL), scalar("int64_param", 2, INT64), scalar("string_param", 3, STRING),
+        scalar("bytes_param", 4, BYTES),
+    ), oneof="parameter_choice"),
     Message("InferTensorContents", (
         repeated("bool_contents", 1, BOOL), repeated("int_contents", 2, INT32), repeated("int64_contents", 3, INT64),
         repeated("uint_contents", 4, UINT32), repeated("uint64_contents", 5, UINT64),
@@ -110,7 +126,8 @@ MESSAGES: tuple[Message, ...] = (
 
 # method -> (request message, response message); all unary
 METHODS: dict[str, tuple[str, str]] = {method: (f"{method}Request", f"{method}Response") for method in (
-    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")}
+    "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+    "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")}
 
 
 # --- descriptors -> classes --------------------------------------------------------------------------------

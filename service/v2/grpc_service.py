@@ -1,5 +1,5 @@
 """The Open Inference Protocol over gRPC: `inference.GRPCInferenceService` (ServerLive, ServerReady, ModelReady,
-ServerMetadata, ModelMetadata, ModelInfer) on its own port, served by grpc.aio in the process and event loop of the
+ServerMetadata, ModelMetadata, ModelInfer; RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload) on its own port, served by grpc.aio in the process and event loop of the
 HTTP server, on the same models, task handlers, batchers, limits, deadlines and metrics as V2 over REST (infer.py).
 
 Started and stopped by the app's lifespan (service/api.py): on SIGTERM the calls in flight finish (up to the drain
@@ -30,6 +30,7 @@ from .grpc_codec import (infer_response, inference_request, model_metadata_respo
 from .grpc_schema import METHODS, SERVICE, message_class
 from .infer import LARGE_JSON_OUTPUT_ELEMENTS, infer_tensors, run, served_model
 from .metadata import model_metadata, server_metadata
+from .repository import check_control_parameters
 
 log = logging.getLogger("vitserve")
 Code = grpc.StatusCode
@@ -50,7 +51,7 @@ class GrpcStartError(RuntimeError):
 
 
 class InferenceService:
-    """The six methods, each `async (request message, context) -> response message`."""
+    """The methods, each `async (request message, context) -> response message`."""
 
     def __init__(self, state: ServiceState) -> None:
         self.state = state
@@ -93,6 +94,21 @@ class InferenceService:
         typed_out = 0 if raw else sum(outputs[0][plan.name].size for plan in plans) * len(outputs)
         return await run(state, typed_out > LARGE_JSON_OUTPUT_ELEMENTS,
                          lambda: infer_response(parsed, model, plans, outputs, raw))
+
+
+    async def RepositoryIndex(self, request, context):
+        rows = self.state.control.index(ready_only=request.ready)
+        return RESPONSE["RepositoryIndex"](models=rows)
+
+    async def RepositoryModelLoad(self, request, context):
+        check_control_parameters(request.parameters, "load")
+        await self.state.control.load(request.model_name)
+        return RESPONSE["RepositoryModelLoad"]()
+
+    async def RepositoryModelUnload(self, request, context):
+        check_control_parameters(request.parameters, "unload")
+        await self.state.control.unload(request.model_name)
+        return RESPONSE["RepositoryModelUnload"]()
 
 
 class CallsInFlight:

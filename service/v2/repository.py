@@ -63,9 +63,13 @@ async def _body(request: Request, schema: type[BaseModel]) -> BaseModel:
 
 
 def _no_parameters(request: ControlRequest, action: str) -> None:
+    check_control_parameters(request.parameters, action)
+
+
+def check_control_parameters(parameters, action: str) -> None:
     """Triton's load parameters (a config override, model files) would change what a version is: not taken here."""
     # unload_dependents asks to unload the models an ensemble uses: vitserve has no ensembles, so it changes nothing
-    unknown = sorted(set(request.parameters) - {"unload_dependents"})
+    unknown = sorted(set(parameters) - {"unload_dependents"})
     if unknown:
         raise BadRequest(f"{action}: vitserve takes no parameters {', '.join(unknown)}; the repository's files "
                          f"define the model")
