@@ -53,6 +53,9 @@ class ModelSlot:
     served: dict[int, ServedModel] = field(default_factory=dict)
     status: dict[int, VersionStatus] = field(default_factory=dict)
     problem: str | None = None  # why it serves nothing, or why its policy cannot be read
+    # Counts for readiness: found by the first scan, or has served since. A model that appears later and fails to
+    # load is reported, but does not take the server (in Kubernetes: every pod at once) out of service.
+    required: bool = False
 
     def newest(self) -> ServedModel | None:
         return self.served[max(self.served)] if self.served else None
@@ -64,6 +67,7 @@ class ModelControl:
         self._start, self._stop = start, stop
         self.slots: dict[str, ModelSlot] = {}
         self.repository_problem: str | None = None
+        self.missing: list[str] = []  # poll and explicit modes: models named by --models that the repository lacks
         self.started = False  # the first scan is done
         # explicit mode: the models the API (or --models at start) asked for; otherwise every model found (or --models)
         self._explicit: set[str] = set(settings.models)
@@ -112,8 +116,9 @@ class ModelControl:
             return ["models are loading"]
         if self.repository_problem:
             return [self.repository_problem]
-        problems = [f"model {name} has no served version: {slot.problem or 'not loaded'}"
-                    for name, slot in sorted(self.slots.items()) if not slot.served]
+        problems = [f"model(s) {', '.join(self.missing)} not in {self.settings.repo}"] if self.missing else []
+        problems += [f"model {name} has no served version: {slot.problem or 'not loaded'}"
+                     for name, slot in sorted(self.slots.items()) if slot.required and not slot.served]
         if not self.slots:
             problems.append("no model is loaded" + (": load one with POST /v2/repository/models/NAME/load"
                                                     if self.mode == "explicit" else ""))
@@ -213,6 +218,7 @@ class ModelControl:
             self.repository_problem = f"pinned version for unknown model(s): {', '.join(sorted(unknown_pins))}"
         else:
             self.repository_problem = None
+        self.missing = missing if self.mode != "none" else []
         if self.repository_problem and self.mode == "none":
             log.error("cannot serve the repository: %s", self.repository_problem)
             return None
@@ -225,7 +231,7 @@ class ModelControl:
         return read_version_policy(self.settings.repo, name) or VersionPolicy.parse(self.settings.version_policy)
 
     async def _reconcile_model(self, name: str) -> None:
-        slot = self.slots.setdefault(name, ModelSlot(name))
+        slot = self.slots.setdefault(name, ModelSlot(name, required=not self.started))
         try:
             policy = self._policy(name)
         except InvalidPolicy as error:  # keep serving what it serves; say why nothing changes
@@ -281,6 +287,7 @@ class ModelControl:
         self.metrics.model_load_seconds.labels(name).observe(time.perf_counter() - started)
         slot.served[version] = served
         slot.status[version] = VersionStatus("READY")
+        slot.required = True
         self._show_served(slot)
         loaded = served.loaded
         log.info("serving %s version %d (%s) on %s, variant %s, batch %d, loaded in %.2f s (warm-up %.2f s)", name,

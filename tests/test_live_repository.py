@@ -177,6 +177,14 @@ def test_a_new_model_directory_is_served_and_a_removed_one_leaves(repo):
         shutil.rmtree(repo / "copied")
         server.wait_until(lambda: classify(server, model="copied").status_code == 404)
         assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+        # a new model that does not load is reported, but does not take the server out of service
+        shutil.copytree(repo / "shapes", repo / "broken")
+        (repo / "broken" / "1" / "model.onnx").write_bytes(b"not a graph")
+        server.wait_until(lambda: index(server)[("broken", 1)]["reason"].startswith("failed to load"))
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+        unavailable = httpx.get(f"{server.url}/models").json()["unavailable"]
+        assert [m["name"] for m in unavailable] == ["broken"] and "failed to load" in unavailable[0]["reason"]
     finally:
         assert server.stop() == 0
 
