@@ -356,7 +356,8 @@ def test_unknown_models_and_versions_get_404(http, path, fragment):
 
 def test_paths_and_methods_that_are_no_endpoint_answer_in_the_v2_shape(http):
     v2_error(http.get("/v2/models/shapes/infer"), 405, "allowed: POST")
-    v2_error(http.get("/v2/repository/index"), 404, "no V2 endpoint")
+    v2_error(http.get("/v2/repository/index"), 405, "allowed: POST")
+    v2_error(http.get("/v2/repository/elsewhere"), 404, "no V2 endpoint")
 
 
 def test_limits_on_the_body_answer_in_the_v2_shape(http, server):

@@ -11,8 +11,6 @@ from ..errors import BadRequest
 from ..request_parsing import validation_message
 from ..state import ServiceState
 
-TAG = "Open Inference Protocol (V2)"
-
 
 class IndexRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -24,31 +22,29 @@ class ControlRequest(BaseModel):
     parameters: dict = Field(default_factory=dict)
 
 
-def repository_router(state: ServiceState) -> APIRouter:
-    router = APIRouter(prefix="/repository", tags=[TAG])  # included by the V2 router, under /v2
+def add_repository_routes(router: APIRouter, state: ServiceState) -> None:
+    """On the V2 router (prefix /v2)."""
     control = state.control
 
-    @router.post("/index", summary="Every model version in the repository with its state (READY, LOADING, UNLOADING, "
+    @router.post("/repository/index", summary="Every model version in the repository with its state (READY, LOADING, UNLOADING, "
                                    "UNAVAILABLE) and the reason")
     async def index(request: Request) -> list[dict]:
         asked = await _body(request, IndexRequest)
         return control.index(ready_only=asked.ready)
 
-    @router.post("/models/{model_name}/load", summary="Load a model, or bring it up to date with the repository "
+    @router.post("/repository/models/{model_name}/load", summary="Load a model, or bring it up to date with the repository "
                                                       "(explicit model control)")
     async def load(request: Request, model_name: str) -> Response:
         _no_parameters(await _body(request, ControlRequest), "load")
         await control.load(model_name)
         return Response(status_code=200)
 
-    @router.post("/models/{model_name}/unload", summary="Unload a model once its requests in flight have their answers "
+    @router.post("/repository/models/{model_name}/unload", summary="Unload a model once its requests in flight have their answers "
                                                         "(explicit model control)")
     async def unload(request: Request, model_name: str) -> Response:
         _no_parameters(await _body(request, ControlRequest), "unload")
         await control.unload(model_name)
         return Response(status_code=200)
-
-    return router
 
 
 async def _body(request: Request, schema: type[BaseModel]) -> BaseModel:

@@ -12,7 +12,7 @@ from ..state import ServiceState
 from .errors import PREFIX
 from .infer import serve_infer, served_model
 from .metadata import model_metadata, server_metadata
-from .repository import repository_router
+from .repository import add_repository_routes
 
 MODEL = "/models/{model_name}"
 VERSIONED = MODEL + "/versions/{model_version}"
@@ -56,7 +56,7 @@ def v2_router(state: ServiceState) -> APIRouter:
                              summary="V2 inference: JSON tensors, or binary tensors after the JSON header "
                                      "(Inference-Header-Content-Length)")
 
-    router.include_router(repository_router(state))
+    add_repository_routes(router, state)
     endpoints = list(router.routes)
 
     @router.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
