@@ -47,7 +47,7 @@ def swap(preset: str, cache: Path, poll_s: float, clients: int) -> None:
     with tempfile.TemporaryDirectory(prefix="live-swap-") as tmp:
         repo = Path(tmp) / "repo"
         shutil.copytree(built.version_dir, repo / "model" / "1")
-        server = Server(repo, model_control="poll", repository_poll_s=str(poll_s), intra_op_threads="null")
+        server = Server(repo, model_control="poll", repository_poll_s=str(poll_s))
         answers: list[tuple[float, int, int | None]] = []
         stop = threading.Event()
         jpeg = make_jpegs(1)[0]
@@ -92,7 +92,7 @@ def memory(preset: str, cache: Path, cycles: int) -> None:
     with tempfile.TemporaryDirectory(prefix="live-memory-") as tmp:
         repo = Path(tmp) / "repo"
         shutil.copytree(built.version_dir, repo / "model" / "1")
-        server = Server(repo, model_control="explicit", intra_op_threads="null")
+        server = Server(repo, model_control="explicit")
         loaded, unloaded = [], []
         try:
             with httpx.Client(base_url=server.url, timeout=300) as http:
