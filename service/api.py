@@ -116,7 +116,7 @@ def describe_model(model: ServedModel, settings: Settings, versions: list[dict])
         "inputs": [t.to_json() for t in meta.inputs], "outputs": [t.to_json() for t in meta.outputs],
         "image_size": list(meta.image.size),
         "labels": list(meta.classification.labels) if meta.classification else None,
-        "provider": loaded.provider, "variant": loaded.variant,
+        "runtime": loaded.runtime, "provider": loaded.provider, "variant": loaded.variant, "precision": loaded.precision,
         "batching": {"max_batch_size": model.max_batch_size, "max_delay_ms": settings.max_delay_ms,
                      "max_queue_images": settings.max_queue_images, "instances": model.batcher.instances},
     }

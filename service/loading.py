@@ -30,10 +30,11 @@ async def start_version(settings: Settings, metrics: Metrics, entry: ModelVersio
 
 
 def _open_version(settings: Settings, metrics: Metrics, entry: ModelVersion) -> ServedModel:
-    instances = settings.instances_for(CUDA if wants_cuda(settings.device) else CPU)
+    instances = settings.instances_for(CUDA if settings.runtime == "onnxruntime" and wants_cuda(settings.device) else CPU)
     loaded = load_model(entry, device=settings.device, variant=settings.variant,
                         intra_op_threads=settings.intra_op_threads_for(instances), spin_us=settings.intra_op_spin_us,
-                        solo_threads=settings.solo_threads_for(instances) if instances > 1 and settings.solo_all_cores else None)
+                        solo_threads=settings.solo_threads_for(instances) if instances > 1 and settings.solo_all_cores else None,
+                        runtime=settings.runtime, precision=settings.precision, instances=instances)
     max_batch = settings.batch_size_for(loaded.provider)
     if max_batch is None:
         max_batch, per_image = loaded.efficient_batch_size()

@@ -18,9 +18,9 @@ class Metrics:
         self.batch_size = Histogram("vitserve_batch_size", "Images per inference batch", ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("vitserve_queue_depth_images", "Images waiting for a batch", ["model"], registry=r)
         self.queue_wait = Histogram("vitserve_queue_wait_seconds", "Time an image waited before its batch started", ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.inference = Histogram("vitserve_inference_seconds", "Time of one batch in onnxruntime", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("vitserve_inference_seconds", "Time of one batch in the runtime", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.rejections = Counter("vitserve_rejections_total", "Requests refused or dropped, by reason", ["model", "reason"], registry=r)
-        self.model_info = Gauge("vitserve_model_info", "Served model versions (value 1)", ["model", "version", "task", "provider", "variant"], registry=r)
+        self.model_info = Gauge("vitserve_model_info", "Served model versions (value 1)", ["model", "version", "task", "provider", "variant", "precision"], registry=r)
         self.served_version = Gauge("vitserve_model_served_version", "The newest version of a model that takes requests", ["model"], registry=r)
         self.model_loads = Counter("vitserve_model_loads_total", "Attempts to load a model version, by outcome (success, failure)", ["model", "outcome"], registry=r)
         self.model_unloads = Counter("vitserve_model_unloads_total", "Model versions stopped (replaced, unloaded or removed)", ["model"], registry=r)
@@ -31,7 +31,8 @@ class Metrics:
         """One `vitserve_model_info` series per served version of model `name` (a retired one disappears)."""
         for labels in self._info_series.pop(name, []):
             self.model_info.remove(*labels)
-        series = [(name, str(m.version), m.metadata.task, m.loaded.provider, m.loaded.variant) for m in served]
+        series = [(name, str(m.version), m.metadata.task, m.loaded.provider, m.loaded.variant, m.loaded.precision)
+                  for m in served]
         for labels in series:
             self.model_info.labels(*labels).set(1)
         self._info_series[name] = series

@@ -1,23 +1,21 @@
-"""One onnxruntime session per model: provider choice (never a silent fallback), threads, warm-up, IO binding on CUDA."""
+"""One inference session per model version (onnxruntime or OpenVINO, see service.runtimes): provider choice (never a
+silent fallback), threads, warm-up."""
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import onnxruntime as ort
 
 from modelrepo import ModelMetadata
 from modelrepo.names import KEEP
-from modelrepo.session import open_session
 
 from .repository import ModelVersion
+from .runtimes import Session, openvino_installed
+from .runtimes.onnxruntime import CPU, CUDA, cuda_available, open_ort
 
 log = logging.getLogger("vitserve.runtime")
-
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 
 Item = dict[str, np.ndarray]  # one image's inputs (or outputs), by tensor name
 
@@ -29,16 +27,15 @@ class RuntimeStartError(Exception):
 @dataclass
 class LoadedModel:
     entry: ModelVersion
-    session: ort.InferenceSession
-    provider: str
+    session: Session
     variant: str
+    runtime: str = "onnxruntime"
     warmup_s: float = 0.0
-    output_names: list[str] = field(default_factory=list)
     # CPU with several instances: the same graph on all cores, for a batch that runs alone (see `run`)
-    solo_session: ort.InferenceSession | None = None
+    solo_session: Session | None = None
 
     def __post_init__(self) -> None:
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.provider, self.precision = self.session.provider, self.session.precision
 
     @property
     def name(self) -> str:
@@ -57,18 +54,9 @@ class LoadedModel:
         return [{name: value[i] for name, value in outputs.items()} for i in range(len(items))]
 
     def run(self, feeds: dict[str, np.ndarray], alone: bool = False) -> dict[str, np.ndarray]:
-        """Run one batch. `alone`: nothing else runs now, so use all cores (the solo session) when there is one.
-        On CUDA the inputs are bound once and copied to the device once (IO binding)."""
-        if self.provider != CUDA:
-            session = self.solo_session if alone and self.solo_session is not None else self.session
-            return dict(zip(self.output_names, session.run(self.output_names, feeds)))
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name in self.output_names:
-            binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
-        return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
+        """Run one batch. `alone`: nothing else runs now, so use all cores (the solo session) when there is one."""
+        session = self.solo_session if alone and self.solo_session is not None else self.session
+        return session.run(feeds)
 
     def release(self) -> None:
         """Drop the sessions (the version was retired); whoever still runs a batch on one keeps it alive until done."""
@@ -125,37 +113,58 @@ def choose_variant(entry: ModelVersion, requested: str, on_cuda: bool) -> str:
     return requested
 
 
-def cuda_available() -> bool:
-    return CUDA in ort.get_available_providers()
-
-
 def wants_cuda(device: str) -> bool:
     """Whether `device` asks for the CUDA provider: always for "cuda", for "auto" when it is installed."""
     return device == "cuda" or (device == "auto" and cuda_available())
 
 
 def load_model(entry: ModelVersion, *, device: str, variant: str, intra_op_threads: int, spin_us: int | None = None,
-               solo_threads: int | None = None) -> LoadedModel:
+               solo_threads: int | None = None, runtime: str = "onnxruntime", precision: str = "auto",
+               instances: int = 1) -> LoadedModel:
     """Create the session on the requested device and check which provider really runs it. With `solo_threads`
-    (more than `intra_op_threads`), a CPU model gets a second session on that many threads for lone batches."""
+    (more than `intra_op_threads`), a CPU model gets a second session on that many threads for lone batches.
+    `instances`: how many batches may run on the session at once (OpenVINO gives each its own stream)."""
+    if runtime == "openvino":
+        return _load_openvino(entry, variant=variant, threads=intra_op_threads, solo_threads=solo_threads,
+                              precision=precision, instances=instances)
     want_cuda = wants_cuda(device)
     if device == "cuda" and not cuda_available():
         raise RuntimeStartError("--device cuda, but this onnxruntime has no CUDA provider (install onnxruntime-gpu)")
     chosen = choose_variant(entry, variant, want_cuda)
     session = _session(entry, chosen, [CUDA, CPU] if want_cuda else [CPU], intra_op_threads, spin_us)
-    active = session.get_providers()[0]
+    active = session.provider
     if want_cuda and active != CUDA:
         if device == "cuda":
             raise RuntimeStartError(f"--device cuda, but CUDA did not load for {entry.name} (active: {active}); check the CUDA/cuDNN libraries")
         log.warning("CUDA provider is installed but did not load for %s: serving on CPU", entry.name)
         if variant == "auto" and chosen != "fp32":  # the fp16 graph was picked for a GPU that is not there
             chosen, session = "fp32", _session(entry, "fp32", [CPU], intra_op_threads, spin_us)
-    loaded = LoadedModel(entry, session, active, chosen)
+    loaded = LoadedModel(entry, session, chosen)
     if active == CPU and solo_threads is not None and solo_threads > intra_op_threads:
         loaded.solo_session = _session(entry, chosen, [CPU], solo_threads, spin_us)
     return loaded
 
 
 def _session(entry: ModelVersion, variant: str, providers: list[str], intra_op_threads: int,
-             spin_us: int | None) -> ort.InferenceSession:
-    return open_session(entry.variant_path(variant), providers, intra_op_threads, spin_us)
+             spin_us: int | None) -> Session:
+    return open_ort(entry.variant_path(variant), providers, intra_op_threads, spin_us)
+
+
+def _load_openvino(entry: ModelVersion, *, variant: str, threads: int, solo_threads: int | None, precision: str,
+                   instances: int) -> LoadedModel:
+    """The same graph file in OpenVINO on the CPU: a stream per instance, and an all-cores one for lone batches."""
+    if not openvino_installed():
+        raise RuntimeStartError("--runtime openvino, but OpenVINO is not installed: pip install 'vitserve[openvino]'")
+    from .runtimes.openvino import OpenVinoSession, resolve_precision
+
+    try:
+        precision = resolve_precision(precision)
+    except ValueError as error:
+        raise RuntimeStartError(str(error)) from None
+    chosen = choose_variant(entry, variant, on_cuda=False)
+    path = entry.variant_path(chosen)
+    loaded = LoadedModel(entry, OpenVinoSession(path, threads=threads, streams=instances, precision=precision), chosen,
+                         runtime="openvino")
+    if solo_threads is not None and solo_threads > threads:
+        loaded.solo_session = OpenVinoSession(path, threads=solo_threads, streams=1, precision=precision)
+    return loaded

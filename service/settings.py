@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDic
 
 from modelrepo import VersionPolicy
 
+from .runtimes import Precision, RuntimeName, openvino_installed
+
 Device = Literal["auto", "cpu", "cuda"]
 Variant = Literal["auto", "fp32", "int8", "int8-static", "fp16"]
 ModelControlMode = Literal["none", "poll", "explicit"]
@@ -43,6 +45,10 @@ class Settings(BaseSettings):
                                 "latest (the newest), latest:N (the N newest), all, or specific:V1,V2,...")
     variant: Variant = Field("auto", description="graph variant: auto = fp16 on CUDA when exported, else fp32")
     device: Device = Field("auto", description="auto: CUDA when it really loads, else CPU (with a warning); cuda: fail without it")
+    runtime: RuntimeName = Field("onnxruntime", description="what runs the graphs: onnxruntime (CPU or CUDA), or openvino (CPU "
+                             "only; needs the openvino extra: pip install 'vitserve[openvino]'); both read the same files")
+    precision: Precision = Field("auto", description="compute precision of the float operations: f32, or bf16 (OpenVINO "
+                                 "on a CPU with AVX512_BF16 or AMX); auto: bf16 where OpenVINO has it, else f32")
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
@@ -122,6 +128,22 @@ class Settings(BaseSettings):
             raise ValueError("VITSERVE_API_KEY is set but empty; unset it to serve without a key")
         return key
 
+    @field_validator("runtime")
+    @classmethod
+    def _openvino_needs_its_extra(cls, runtime: str) -> str:
+        if runtime == "openvino" and not openvino_installed():
+            raise ValueError("the openvino runtime needs the openvino extra, which is not installed: "
+                             "pip install 'vitserve[openvino]', or use --runtime onnxruntime")
+        return runtime
+
+    @model_validator(mode="after")
+    def _runtime_device_and_precision_agree(self) -> "Settings":
+        if self.runtime == "openvino" and self.device == "cuda":
+            raise ValueError("the openvino runtime serves on the CPU; use --device cpu or auto, or --runtime onnxruntime for CUDA")
+        if self.runtime == "onnxruntime" and self.precision == "bf16":
+            raise ValueError("onnxruntime has no bf16 CPU kernels: precision bf16 needs --runtime openvino")
+        return self
+
     @model_validator(mode="after")
     def _one_port_per_protocol(self) -> "Settings":
         if self.grpc_port is not None and self.grpc_port == self.port:
@@ -162,7 +184,7 @@ class Settings(BaseSettings):
 # The sections of `vit-serve --help`, in order; every field is in exactly one.
 OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "model repository": ("repo", "models", "pin_versions", "model_control", "repository_poll_s", "version_policy",
-                         "variant", "device"),
+                         "variant", "device", "runtime", "precision"),
     "server": ("host", "port", "grpc_port", "workers", "api_key", "drain_timeout_s"),
     "request limits": ("timeout_ms", "max_body_bytes", "max_images_per_request", "max_pixels"),
     "batching": ("max_batch_size", "max_delay_ms", "max_queue_images", "instances"),
