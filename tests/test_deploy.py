@@ -153,7 +153,8 @@ def test_the_dashboard_plots_only_metrics_the_service_exports():
     unknown = used - _exported_sample_names()
     assert not unknown, f"the dashboard queries metrics the service does not export: {sorted(unknown)}"
     for needed in ("vitserve_requests_total", "vitserve_request_duration_seconds_bucket", "vitserve_queue_depth_images",
-                   "vitserve_inference_seconds_bucket", "vitserve_rejections_total"):
+                   "vitserve_inference_seconds_bucket", "vitserve_rejections_total", "vitserve_model_served_version",
+                   "vitserve_model_loads_total"):
         assert needed in used, needed
     assert any("vitserve_batch_size_" in n for n in used)
     assert any(e.startswith("histogram_quantile(") and "vitserve_request_duration_seconds_bucket" in e for e in expressions)
