@@ -65,6 +65,7 @@ class LoadResult:
     duration_s: float
     latencies_s: list[float] = field(default_factory=list)  # successful responses completed in the window
     errors: dict[str, int] = field(default_factory=dict)  # status code or exception name -> count
+    error_latencies_s: dict[str, list[float]] = field(default_factory=dict)  # the same keys: how long each took
     client_cpu_s: float = 0.0  # CPU the generator processes used during the window
 
     @property
@@ -101,6 +102,7 @@ class _RunSpec:
     start_at: float  # time.monotonic(): CLOCK_MONOTONIC on Linux, the same clock in every process
     warmup_s: float
     duration_s: float
+    honour_retry_after: bool = False  # a refused user waits the answer's Retry-After before its next request
 
 
 class LoadGenerator:
@@ -121,22 +123,23 @@ class LoadGenerator:
         return len(self._workers)
 
     def run(self, host: str, port: int, requests: list[HttpRequest], concurrency: int,
-            duration_s: float, warmup_s: float) -> LoadResult:
+            duration_s: float, warmup_s: float, honour_retry_after: bool = False) -> LoadResult:
         raw = [request.raw(host, port) for request in requests]
         used = min(self.processes, concurrency)
         start_at = time.monotonic() + 0.1 + 0.002 * concurrency  # time for every worker to connect its users
         first = 0
         for index in range(used):
             users = concurrency // used + (1 if index < concurrency % used else 0)
-            self._pipes[index].send(_RunSpec(host, port, raw, users, first, start_at, warmup_s, duration_s))
+            self._pipes[index].send(_RunSpec(host, port, raw, users, first, start_at, warmup_s, duration_s, honour_retry_after))
             first += users
         result = LoadResult(concurrency, duration_s)
         for index in range(used):
-            latencies, errors, cpu_s = self._pipes[index].recv()
+            latencies, error_latencies, cpu_s = self._pipes[index].recv()
             result.latencies_s.extend(latencies)
             result.client_cpu_s += cpu_s
-            for key, count in errors.items():
-                result.errors[key] = result.errors.get(key, 0) + count
+            for key, seconds in error_latencies.items():
+                result.errors[key] = result.errors.get(key, 0) + len(seconds)
+                result.error_latencies_s.setdefault(key, []).extend(seconds)
         return result
 
     def close(self) -> None:
@@ -170,11 +173,11 @@ def _new_loop_run(coroutine):
     return asyncio.run(coroutine)
 
 
-async def _run(spec: _RunSpec) -> tuple[list[float], dict[str, int], float]:
+async def _run(spec: _RunSpec) -> tuple[list[float], dict[str, list[float]], float]:
     window_start = spec.start_at + spec.warmup_s
     window_end = window_start + spec.duration_s
     latencies: list[float] = []
-    errors: dict[str, int] = {}
+    errors: dict[str, list[float]] = {}
     connections = await asyncio.gather(*(_connect(spec) for _ in range(spec.users)), return_exceptions=True)
     await asyncio.sleep(max(0.0, spec.start_at - time.monotonic()))
     users = [asyncio.ensure_future(_user(spec, spec.first_user + i, conn, window_start, window_end, latencies, errors))
@@ -186,7 +189,7 @@ async def _run(spec: _RunSpec) -> tuple[list[float], dict[str, int], float]:
     done, pending = await asyncio.wait(users, timeout=DRAIN_TIMEOUT_S)
     for task in pending:  # a response that never came: count it, drop the connection
         task.cancel()
-        errors["drain_timeout"] = errors.get("drain_timeout", 0) + 1
+        errors.setdefault("drain_timeout", []).append(DRAIN_TIMEOUT_S)
     return latencies, errors, cpu_s
 
 
@@ -195,7 +198,7 @@ async def _connect(spec: _RunSpec):
 
 
 async def _user(spec: _RunSpec, index: int, connection, window_start: float, window_end: float,
-                latencies: list[float], errors: dict[str, int]) -> None:
+                latencies: list[float], errors: dict[str, list[float]]) -> None:
     reader = writer = None
     if not isinstance(connection, BaseException):
         reader, writer = connection
@@ -206,9 +209,9 @@ async def _user(spec: _RunSpec, index: int, connection, window_start: float, win
                 if writer is None:
                     reader, writer = await _connect(spec)
                 writer.write(spec.requests[index % count])
-                status, close = await _read_response(reader)
+                status, close, retry_after_s = await _read_response(reader)
             except (OSError, asyncio.IncompleteReadError, ValueError) as error:
-                status, close = type(error).__name__, True
+                status, close, retry_after_s = type(error).__name__, True, None
                 await asyncio.sleep(0.01)  # a refused connection must not turn into a busy loop
             done = time.monotonic()
             index += 1
@@ -216,21 +219,24 @@ async def _user(spec: _RunSpec, index: int, connection, window_start: float, win
                 if status == 200:
                     latencies.append(done - sent)
                 else:
-                    errors[str(status)] = errors.get(str(status), 0) + 1
+                    errors.setdefault(str(status), []).append(done - sent)
             if close and writer is not None:
                 writer.close()
                 reader = writer = None
+            if spec.honour_retry_after and retry_after_s:
+                await asyncio.sleep(min(retry_after_s, max(0.0, window_end - time.monotonic())))
     finally:
         if writer is not None:
             writer.close()
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """Read one HTTP/1.1 response; returns (status, whether the server closes the connection)."""
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, float | None]:
+    """Read one HTTP/1.1 response; returns (status, whether the server closes the connection, its Retry-After in
+    seconds when it has one)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split(None, 2)[1])
-    length, chunked, close = None, False, False
+    length, chunked, close, retry_after_s = None, False, False, None
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         name, value = name.strip().lower(), value.strip().lower()
@@ -240,6 +246,8 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
             chunked = b"chunked" in value
         elif name == b"connection":
             close = value == b"close"
+        elif name == b"retry-after" and value.isdigit():
+            retry_after_s = float(value)
     if chunked:
         while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
             await reader.readexactly(size + 2)
@@ -249,7 +257,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     else:
         await reader.read()
         close = True
-    return status, close
+    return status, close, retry_after_s
 
 
 # ------------------------------------------------------------------------------------------ the trivial endpoint

@@ -118,7 +118,8 @@ def describe_model(model: ServedModel, settings: Settings, versions: list[dict])
         "labels": list(meta.classification.labels) if meta.classification else None,
         "runtime": loaded.runtime, "provider": loaded.provider, "variant": loaded.variant, "precision": loaded.precision,
         "batching": {"max_batch_size": model.max_batch_size, "max_delay_ms": settings.max_delay_ms,
-                     "max_queue_images": settings.max_queue_images, "instances": model.batcher.instances},
+                     "max_queue_images": settings.max_queue_images,
+                     "max_queue_delay_ms": settings.max_queue_delay_ms, "instances": model.batcher.instances},
     }
 
 

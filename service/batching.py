@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Protocol
 
 from service.errors import DeadlineExceeded, InferenceFailed, NotReady, ServiceError
-from service.request_queue import QueuedRequest, RequestQueue, Slice
+from service.request_queue import QueuedRequest, RequestQueue, Reservation, Slice
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ class BatchObserver(Protocol):
     def queue_depth(self, images: int) -> None: ...  # images queued, after every change
     def batch_run(self, size: int, inference_s: float) -> None: ...
     def queue_wait(self, seconds: float) -> None: ...  # per image, from enqueue to batch start
-    def rejected(self, reason: str) -> None: ...  # "queue_full" | "deadline" | "disconnected" | "shutdown"
+    # "queue_full" | "queue_delay" | "deadline_unreachable" (refused at admission) | "deadline" | "disconnected" | "shutdown"
+    def rejected(self, reason: str) -> None: ...
 
 
 class NullObserver:
@@ -92,14 +93,16 @@ class MicroBatcher:
         max_batch_size: int,
         max_delay_ms: float,
         max_queue_images: int,
+        max_queue_delay_ms: float | None = None,
         observer: BatchObserver | None = None,
         name: str = "model",
         instances: int = 1,
         run_alone: Callable[[list[Any]], list[Any]] | None = None,
         probe_after_ms: float = 5.0,
     ) -> None:
-        if max_batch_size < 1 or max_queue_images < 1 or max_delay_ms < 0 or instances < 1:
-            raise ValueError("max_batch_size, max_queue_images and instances must be >= 1, max_delay_ms >= 0")
+        if max_batch_size < 1 or max_queue_images < 1 or max_delay_ms < 0 or instances < 1 or (max_queue_delay_ms or 0) < 0:
+            raise ValueError("max_batch_size, max_queue_images and instances must be >= 1, max_delay_ms and "
+                             "max_queue_delay_ms >= 0")
         self.name = name
         self.max_delay_s = max_delay_ms / 1000.0
         self._run_batch = run_batch
@@ -112,7 +115,8 @@ class MicroBatcher:
         # One worker thread per instance; a staged batch waits in the executor's queue and starts in order.
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._queue = RequestQueue(name=name, max_images=max_queue_images, max_batch_size=max_batch_size,
-                                   instances=instances)
+                                   instances=instances,
+                                   max_delay_s=None if max_queue_delay_ms is None else max_queue_delay_ms / 1000)
         # Dispatch order: the first `instances` batches are running, one more may be staged behind them.
         self._in_flight: collections.deque[_Batch] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -133,6 +137,9 @@ class MicroBatcher:
     def queued_images(self) -> int:
         """Images waiting: queued, or staged behind the running batches."""
         return self._queue.images + self._staged_images()
+
+    def _running_sizes(self) -> list[int]:
+        return [batch.size for batch in list(self._in_flight)[:self.instances]]
 
     def _staged_images(self) -> int:
         return sum(batch.size for batch in list(self._in_flight)[self.instances:])
@@ -156,8 +163,10 @@ class MicroBatcher:
         deadline: float | None = None,
         is_disconnected: Callable[[], Awaitable[bool]] | None = None,
         batch_key: Hashable = None,
+        admission: Reservation | None = None,
     ) -> list[Any]:
-        """Queue all `items` as one request and return their results in order."""
+        """Queue all `items` as one request and return their results in order. With `admission` (from `admit`),
+        the request was admitted already; without, it is admitted here."""
         items = list(items)
         if self._stopping or self._runner is None:
             self._notify("rejected", "shutdown")
@@ -167,11 +176,12 @@ class MicroBatcher:
         if deadline is not None and deadline <= time.monotonic():
             self._notify("rejected", "deadline")
             raise DeadlineExceeded(f"deadline passed before the request reached model '{self.name}'")
-        self.check_capacity(len(items))
+        if admission is None:
+            self.check_capacity(len(items), deadline)
 
         loop = asyncio.get_running_loop()
         request = QueuedRequest(items, loop.create_future(), loop.time(), deadline, is_disconnected, batch_key)
-        self._queue.add(request)
+        self._queue.add(request, admission)
         self._notify("queue_depth", self.queued_images)
         self._wakeup.set()
         if deadline is not None:
@@ -185,13 +195,27 @@ class MicroBatcher:
             if request.timer is not None:
                 request.timer.cancel()
 
-    def check_capacity(self, images: int) -> None:
-        """Refuse at once (Overloaded, with Retry-After) when `images` more would not fit the queue now.
-        Callers may ask before doing per-request work (decoding), not only at submit."""
-        refusal = self._queue.refusal(images, staged=self._staged_images())
+    def check_capacity(self, images: int, deadline: float | None = None) -> None:
+        """Refuse at once (Overloaded, with Retry-After) when `images` more would not fit the queue now, would find
+        more than the queue's time bound of work ahead, or would not start before `deadline` (time.monotonic())."""
+        refusal = self._queue.refusal(images, staged=self._staged_images(), running=self._running_sizes(),
+                                      deadline_in_s=None if deadline is None else deadline - time.monotonic())
         if refusal is not None:
-            self._notify("rejected", "queue_full")
+            self._notify("rejected", refusal.reason)
             raise refusal
+
+    def admit(self, images: int, deadline: float | None = None) -> Reservation:
+        """Admit a request of `images` before any work is spent on it (decoding), or refuse it (`check_capacity`).
+        Its images count as waiting until it is submitted with this reservation, or the reservation is released:
+        use it as a context manager around the request's decoding and submit."""
+        if self._stopping or self._runner is None:
+            self._notify("rejected", "shutdown")
+            raise NotReady(f"model '{self.name}' is not accepting requests")
+        if deadline is not None and deadline <= time.monotonic():  # late already (a slow upload): not an overload
+            self._notify("rejected", "deadline")
+            raise DeadlineExceeded(f"deadline passed before the request reached model '{self.name}'")
+        self.check_capacity(images, deadline)
+        return self._queue.reserve(images)
 
     async def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Refuse new work; with `drain`, finish what is queued and running first (up to `timeout`)."""
@@ -325,7 +349,7 @@ class MicroBatcher:
                 self._withdraw(request, reason=None)
                 request.fail(error)
         else:
-            self._queue.record_batch_seconds(seconds)
+            self._queue.record_batch(len(items), seconds)
             self._notify("batch_run", len(items), seconds)
             offset = 0
             for request, start, count in batch.slices:

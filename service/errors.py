@@ -63,12 +63,14 @@ class InvalidParameter(ServiceError):
 
 
 class Overloaded(ServiceError):
-    """The queue is full: refused at once, with a hint when to come back."""
+    """The queue is full, or would make the request wait too long: refused at once, with a hint when to come back.
+    `reason` labels the refusal in metrics: queue_full | queue_delay | deadline_unreachable."""
 
     status, type = 503, "overloaded"
 
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+    def __init__(self, message: str, *, retry_after_s: int = 1, reason: str = "queue_full") -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+        self.reason = reason
 
 
 class NotReady(ServiceError):

@@ -3,37 +3,53 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 from fastapi.responses import Response
 
+from .errors import ServiceError
 from .images import decode_base64_image, prepare_image, prepare_image_with_source
 from .request_parsing import read_request
 from .state import ServedModel, ServiceState
 from .tasks import PreparedImage, TaskHandler
-from .tasks.base import Item
 
 
 async def serve_task(request: Request, state: ServiceState, handler: TaskHandler) -> Response:
+    refuse_before_reading(request, state, handler.task)
     images, params = await read_request(request, state.settings.max_images_per_request, handler.params_type)
     media_type = handler.media_type(request.headers.get("accept", ""), len(images))
     with state.model_for(handler.task, params.model, params.version).lease() as model:  # held until answered
-        prepared = await prepare_images(state, model, images, keep_source=handler.keeps_source(params))
-        work = handler.batch_work(prepared, params, model)
-        outputs = await infer(request, state, model, work.items, params.timeout_ms, work.batch_key)
+        deadline = request_deadline(state, params.timeout_ms, arrived=request.scope["state"]["arrived"])
+        with model.batcher.admit(len(images), deadline) as admission:  # refused now, before any decoding
+            prepared = await prepare_images(state, model, images, keep_source=handler.keeps_source(params))
+            work = handler.batch_work(prepared, params, model)
+            outputs = await model.batcher.submit(work.items, deadline=deadline, is_disconnected=request.is_disconnected,
+                                                 batch_key=work.batch_key, admission=admission)
         if handler.respond_off_loop:
             return await asyncio.get_running_loop().run_in_executor(
                 state.decode_pool, handler.respond, model, params, prepared, outputs, media_type)
         return handler.respond(model, params, prepared, outputs, media_type)
 
 
+def refuse_before_reading(request: Request, state: ServiceState, task: str) -> None:
+    """Under overload most requests are refused, and reading and parsing a body is most of what a refusal would
+    cost: refuse before that when the model is known without the body (named in the query string, or the task's
+    only model) and would refuse a single image even with the server's longest deadline. Anything else is decided
+    after the body is read, with the request's own parameters."""
+    name = request.query_params.get("model")
+    if name is None and sum(model.metadata.task == task for model in state.models.values()) != 1:
+        return  # the body may name the model
+    try:
+        model = state.model_for(task, name)
+    except ServiceError:
+        return  # answered after the body is read, as without overload
+    model.batcher.check_capacity(1, request_deadline(state, None, arrived=request.scope["state"]["arrived"]))
+
+
 async def prepare_images(state: ServiceState, model: ServedModel, images: list[bytes | str],
                          keep_source: bool = False) -> list[PreparedImage]:
     """Decode and resize every image in the decode threads; the lowest-index failure is reported and nothing is inferred.
-
-    Refuses at once, before any decoding, when the model's queue cannot take this many images now."""
-    model.batcher.check_capacity(len(images))
+    Callers admit the request on the model's batcher first (`MicroBatcher.admit`)."""
     loop = asyncio.get_running_loop()
     jobs = [loop.run_in_executor(state.decode_pool, functools.partial(_decode_and_prepare, data, model, state, i, keep_source))
             for i, data in enumerate(images)]
@@ -52,17 +68,8 @@ def _decode_and_prepare(data: bytes | str, model: ServedModel, state: ServiceSta
     return PreparedImage(prepare_image(raw, model.resize, state.limits, index=index))
 
 
-async def infer(request: Request, state: ServiceState, model: ServedModel, items: list[Item], timeout_ms: int | None,
-                batch_key=None) -> list[Item]:
-    """Queue the items on the model's batcher under the request's deadline (counted from its arrival)."""
-    return await submit(state, model, items, timeout_ms, arrived=request.scope["state"]["arrived"],
-                        is_disconnected=request.is_disconnected, batch_key=batch_key)
-
-
-async def submit(state: ServiceState, model: ServedModel, items: list[Item], timeout_ms: int | None, *, arrived: float,
-                 is_disconnected: Callable[[], Awaitable[bool]] | None, batch_key=None) -> list[Item]:
-    """`infer` for any protocol: `arrived` is the request's time.monotonic() at arrival; the server's deadline caps
-    the request's own."""
+def request_deadline(state: ServiceState, timeout_ms: int | None, *, arrived: float) -> float:
+    """A request's deadline, a time.monotonic() value: `timeout_ms` (the request's own, if any) from its arrival,
+    capped by the server's."""
     budget_ms = min(timeout_ms or state.settings.timeout_ms, state.settings.timeout_ms)
-    return await model.batcher.submit(items, deadline=arrived + budget_ms / 1000, is_disconnected=is_disconnected,
-                                      batch_key=batch_key)
+    return arrived + budget_ms / 1000

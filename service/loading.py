@@ -43,7 +43,8 @@ def _open_version(settings: Settings, metrics: Metrics, entry: ModelVersion) -> 
                  ", ".join(f"{b}: {t:.4f}" for b, t in per_image.items()))
     loaded.warm_up((1, max_batch))
     batcher = MicroBatcher(loaded.run_items, max_batch_size=max_batch, max_delay_ms=settings.max_delay_ms,
-                           max_queue_images=settings.max_queue_images, observer=metrics.observer(entry.name),
+                           max_queue_images=settings.max_queue_images, max_queue_delay_ms=settings.max_queue_delay_ms,
+                           observer=metrics.observer(entry.name),
                            name=entry.name, instances=instances,
                            run_alone=lambda items: loaded.run_items(items, alone=True))
     return ServedModel(loaded, batcher, max_batch)

@@ -1,8 +1,12 @@
-"""The queue of one model's requests, bounded and counted in images; the batcher (`service.batching`)
+"""The queue of one model's requests, bounded in images and in time; the batcher (`service.batching`)
 decides when to take from it.
 
-- Admission is decided before any work is spent: a request that does not fit is refused whole, at once,
-  with a Retry-After estimated from how long recent batches took.
+- Admission is decided before any work is spent: a request is refused whole, at once, with a Retry-After,
+  when its images do not fit the image bound, when the work queued ahead of it is more than the time bound,
+  or when it would not start before its deadline. Time is estimated from the images ahead of the request
+  and how long recent batches took (running averages), so a request that is admitted starts in time unless
+  the batches suddenly get slower. Images of admitted requests still being decoded count as ahead
+  (`Reservation`), so a burst is judged as a whole rather than each request against an empty queue.
 - The next batch is up to `max_batch_size` images sharing the oldest request's `batch_key`, oldest request
   first, so no key starves; a request's images stay in order and may be split across batches.
 - A request leaves the queue when its images are taken, or when it is withdrawn (deadline passed, client
@@ -14,12 +18,13 @@ import asyncio
 import collections
 import dataclasses
 import math
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 from service.errors import Overloaded
 
-_RECENT_BATCH_WEIGHT = 0.2  # of the latest batch in the running average of batch times
+_RECENT_BATCH_WEIGHT = 0.2  # of the latest batch in the running averages of batch times
+_MAX_RETRY_AFTER_S = 60
 _DISCONNECT_PROBE_TIMEOUT_S = 0.1  # a well-behaved probe answers at once; a stuck one must not stall batching
 
 
@@ -69,18 +74,40 @@ class QueuedRequest:
 Slice = tuple[QueuedRequest, int, int]
 
 
+class Reservation:
+    """Images admitted but not queued yet (their request is being decoded): they count as waiting until the
+    request is queued or given up. A context manager: leaving it releases what is still reserved."""
+
+    def __init__(self, queue: RequestQueue, images: int) -> None:
+        self._queue, self.images = queue, images
+        queue._reserved += images
+
+    def release(self) -> None:
+        self._queue._reserved -= self.images
+        self.images = 0
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class RequestQueue:
     """Requests in arrival order. Only images not yet taken count; a batch staged outside the queue is
-    counted by its owner and passed to `refusal` as `staged`."""
+    counted by its owner and passed to `refusal` as `staged`, and the batches running as `running`."""
 
-    def __init__(self, *, name: str, max_images: int, max_batch_size: int, instances: int) -> None:
+    def __init__(self, *, name: str, max_images: int, max_batch_size: int, instances: int,
+                 max_delay_s: float | None = None) -> None:
         self.name = name  # of the model, for messages
         self.max_images = max_images
+        self.max_delay_s = max_delay_s  # the most work, in seconds, a request may find ahead of it; None: no bound
         self.max_batch_size = max_batch_size
         self._instances = instances  # batches that run side by side: the queue drains that much faster
         self._requests: collections.deque[QueuedRequest] = collections.deque()
         self._images = 0  # untaken images across _requests
-        self._batch_s_average: float | None = None  # for the Retry-After estimate
+        self._reserved = 0  # images of admitted requests not queued yet (Reservation)
+        self._batch_s: dict[int, float] = {}  # batch size -> running average of its time
 
     # ---- what is queued -------------------------------------------------------------------------
 
@@ -104,31 +131,79 @@ class RequestQueue:
 
     # ---- admission ------------------------------------------------------------------------------
 
-    def refusal(self, images: int, *, staged: int = 0) -> Overloaded | None:
-        """Why `images` more cannot be admitted now (with Retry-After), or None when they fit.
-        `staged` images were taken but wait behind the running batches: they still count."""
-        waiting = self._images + staged
-        if waiting + images <= self.max_images:
+    def reserve(self, images: int) -> Reservation:
+        """Count `images` as waiting from now until they are queued (`add`) or the reservation is released."""
+        return Reservation(self, images)
+
+    def batch_s(self, size: int) -> float | None:
+        """How long a batch of `size` images takes (running average); a size not timed yet is scaled from the
+        nearest size that was; None before any batch was timed."""
+        if size in self._batch_s:
+            return self._batch_s[size]
+        if not self._batch_s:
             return None
+        nearest = min(self._batch_s, key=lambda timed: (abs(timed - size), -timed))
+        return self._batch_s[nearest] * size / nearest
+
+    def drain_s(self, images: int) -> float:
+        """Seconds for the instances to run `images` waiting images, in full batches and one partial."""
+        full, rest = divmod(images, self.max_batch_size)
+        return (full * self.batch_s(self.max_batch_size) + (self.batch_s(rest) if rest else 0.0)) / self._instances
+
+    def wait_s(self, images: int, *, staged: int = 0, running: Sequence[int] = ()) -> tuple[float, float] | None:
+        """Estimated seconds until a request of `images` arriving now starts, and until its last image starts
+        (a request larger than a batch runs in parts); None before any batch was timed. The work ahead: the
+        `running` batches (their sizes; half done on average) and every waiting image, shared by the instances."""
+        if not self._batch_s:
+            return None
+        waiting = self._images + staged + self._reserved
+        if waiting == 0 and len(running) < self._instances:
+            first = 0.0  # an instance is free
+        else:
+            first = sum(self.batch_s(size) for size in running) / 2 / self._instances + self.drain_s(waiting)
+        return first, first + self.drain_s(max(0, images - self.max_batch_size))
+
+    def refusal(self, images: int, *, staged: int = 0, running: Sequence[int] = (),
+                deadline_in_s: float | None = None) -> Overloaded | None:
+        """Why `images` more cannot be admitted now (with Retry-After), or None when they may be.
+        `staged` images were taken but wait behind the `running` batches: they still count. `deadline_in_s`:
+        how long until the request's deadline. The time bound never refuses while the waiting images would not
+        give each instance one full batch: the instances must never run dry for lack of admitted work (when the
+        batches slow down, because something else takes the cores, the estimate grows, and a time bound alone
+        would then starve the model exactly when it can least afford to)."""
         if images > self.max_images:
             return Overloaded(f"a request of {images} images exceeds model '{self.name}' queue of "
                               f"{self.max_images} images")
-        batches_ahead = waiting / self.max_batch_size + 1
-        retry_after = math.ceil(batches_ahead * (self._batch_s_average or 0.0) / self._instances)
-        return Overloaded(f"model '{self.name}' queue is full ({waiting} images waiting)",
-                          retry_after_s=min(max(retry_after, 1), 60))
+        waiting = self._images + staged + self._reserved
+        wait = self.wait_s(images, staged=staged, running=running)
+        retry_after = min(max(math.ceil(wait[0]) if wait else 1, 1), _MAX_RETRY_AFTER_S)
+        if waiting + images > self.max_images:
+            return Overloaded(f"model '{self.name}' queue is full ({waiting} images waiting)", retry_after_s=retry_after)
+        if wait is None:
+            return None
+        first, last = wait
+        keeps_instances_busy = waiting + images <= self._instances * self.max_batch_size
+        if self.max_delay_s is not None and first > self.max_delay_s and not keeps_instances_busy:
+            return Overloaded(f"model '{self.name}' has about {first * 1000:.0f} ms of work queued (the limit is "
+                              f"{self.max_delay_s * 1000:.0f} ms)", retry_after_s=retry_after, reason="queue_delay")
+        if deadline_in_s is not None and last > deadline_in_s:
+            return Overloaded(f"model '{self.name}' would start this request in about {last * 1000:.0f} ms, after its "
+                              f"deadline ({max(deadline_in_s, 0) * 1000:.0f} ms away)",
+                              retry_after_s=retry_after, reason="deadline_unreachable")
+        return None
 
-    def record_batch_seconds(self, seconds: float) -> None:
-        """How long a batch took to run: the Retry-After estimate follows a running average."""
-        if self._batch_s_average is None:
-            self._batch_s_average = seconds
-        else:
-            self._batch_s_average = (1 - _RECENT_BATCH_WEIGHT) * self._batch_s_average + _RECENT_BATCH_WEIGHT * seconds
+    def record_batch(self, images: int, seconds: float) -> None:
+        """How long a batch of `images` took to run: the time estimates follow running averages, one per size
+        (a batch's time is far from proportional to its size)."""
+        average = self._batch_s.get(images)
+        self._batch_s[images] = seconds if average is None else average + _RECENT_BATCH_WEIGHT * (seconds - average)
 
     # ---- in and out -----------------------------------------------------------------------------
 
-    def add(self, request: QueuedRequest) -> None:
-        """Queue an admitted request (see `refusal`) behind the others."""
+    def add(self, request: QueuedRequest, reservation: Reservation | None = None) -> None:
+        """Queue an admitted request (see `refusal`) behind the others; its images stop being reserved."""
+        if reservation is not None:
+            reservation.release()
         self._requests.append(request)
         self._images += request.untaken
 

@@ -72,6 +72,10 @@ class Settings(BaseSettings):
                                        "smallest of 1, 2, 4, 8 with the best time per image, timed at start)")
     max_delay_ms: float = Field(2.0, ge=0, description="longest wait to fill a batch, only while the model is busy anyway")
     max_queue_images: int = Field(256, ge=1, description="queued images per model before requests are refused with 503")
+    max_queue_delay_ms: float | None = Field(1000.0, ge=0, description="a request that would find more than this much "
+                                             "work queued ahead of it (estimated from recent batch times) is refused "
+                                             "at once with 503; null: no time bound. Whatever this says, a request "
+                                             "that would not start before its own deadline is refused too")
     instances: int | None = Field(None, ge=1, description="batches of one model that run at once, each in its own thread "
                                   "(default: 1 on CUDA, 2 on a multi-core CPU, else 1: see the README's benchmarks)")
 
@@ -187,7 +191,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
                          "variant", "device", "runtime", "precision"),
     "server": ("host", "port", "grpc_port", "workers", "api_key", "drain_timeout_s"),
     "request limits": ("timeout_ms", "max_body_bytes", "max_images_per_request", "max_pixels"),
-    "batching": ("max_batch_size", "max_delay_ms", "max_queue_images", "instances"),
+    "batching": ("max_batch_size", "max_delay_ms", "max_queue_images", "max_queue_delay_ms", "instances"),
     "CPU threads": ("intra_op_threads", "solo_all_cores", "intra_op_spin_us", "decode_threads"),
     "logging": ("log_level", "log_format"),
 }

@@ -62,17 +62,75 @@ def test_refusal_counts_staged_images_and_estimates_retry_after_from_batch_times
     assert queue.refusal(2) is None
     assert queue.refusal(1, staged=2) is not None  # staged images still wait: 6 + 2 + 1 > 8
     assert queue.refusal(3).headers["Retry-After"] == "1"  # no batch timed yet
-    queue.record_batch_seconds(4.0)
+    queue.record_batch(2, 4.0)
     refused = queue.refusal(3)
-    assert "6 images waiting" in refused.message
-    assert refused.headers["Retry-After"] == "8"  # 6/2 + 1 batches of 4 s, two at a time
-    assert queue.refusal(3, staged=2).headers["Retry-After"] == "10"  # 8/2 + 1 batches
-    queue.record_batch_seconds(9.0)  # the average moves a fifth of the way: 5 s
-    assert queue.refusal(3).headers["Retry-After"] == "10"
-    queue.record_batch_seconds(1000.0)
+    assert "6 images waiting" in refused.message and refused.reason == "queue_full"
+    assert refused.headers["Retry-After"] == "6"  # 3 batches of 4 s, two at a time
+    assert queue.refusal(3, running=[2, 2]).headers["Retry-After"] == "8"  # + two running batches, half done
+    assert queue.refusal(3, staged=2).headers["Retry-After"] == "8"  # 4 batches
+    queue.record_batch(2, 9.0)  # the average moves a fifth of the way: 5 s
+    assert queue.refusal(3).headers["Retry-After"] == "8"  # 7.5 s
+    queue.record_batch(2, 1000.0)
     assert queue.refusal(3).headers["Retry-After"] == "60"  # capped
     too_large = new_queue(max_images=8).refusal(9)
     assert isinstance(too_large, Overloaded) and "exceeds" in too_large.message
+
+
+def test_refusal_bounds_the_work_ahead_in_time(loop):
+    queue = RequestQueue(name="vit-test", max_images=100, max_batch_size=4, instances=1, max_delay_s=1.0)
+    queued(loop, queue, range(8))
+    assert queue.refusal(1) is None  # no batch timed yet: only the image bound applies
+    queue.record_batch(4, 0.4)
+    assert queue.refusal(1) is None  # two batches of 0.4 s ahead
+    queued(loop, queue, range(3))
+    refused = queue.refusal(1)  # + a batch of 3, not timed yet: 3/4 of 0.4 s
+    assert refused.status == 503 and refused.reason == "queue_delay"
+    assert "1100 ms of work queued" in refused.message and "limit is 1000 ms" in refused.message
+    assert refused.headers["Retry-After"] == "2"
+    unbounded = new_queue(max_images=100)
+    queued(loop, unbounded, range(11))
+    unbounded.record_batch(4, 0.4)
+    assert unbounded.refusal(1) is None  # without a time bound, only the image bound and deadlines refuse
+
+
+def test_the_time_bound_never_starves_the_instances(loop):
+    queue = RequestQueue(name="vit-test", max_images=100, max_batch_size=4, instances=2, max_delay_s=0.1)
+    queue.record_batch(4, 0.8)
+    queued(loop, queue, range(4))  # 0.4 s of work ahead, over the bound, but less than a batch per instance
+    assert queue.refusal(4, running=[4, 4]) is None
+    assert queue.refusal(1, running=[4, 4], deadline_in_s=0.5).reason == "deadline_unreachable"  # deadlines still hold
+    queued(loop, queue, range(4))
+    assert queue.refusal(1, running=[4, 4]).reason == "queue_delay"
+
+
+def test_images_being_decoded_count_as_waiting_until_queued_or_released(loop):
+    queue = RequestQueue(name="vit-test", max_images=10, max_batch_size=4, instances=1, max_delay_s=1.0)
+    queue.record_batch(4, 0.4)
+    queued(loop, queue, range(6))
+    with queue.reserve(4) as reservation:
+        assert queue.refusal(1).reason == "queue_full"  # 6 + 4 reserved + 1 > 10
+        request = QueuedRequest(list(range(4)), loop.create_future(), loop.time(), None, None, None)
+        queue.add(request, reservation)  # queued: no longer reserved, counted once
+        assert queue.images == 10 and queue.wait_s(1)[0] == pytest.approx(1.0)
+    assert queue.images == 10  # leaving the block after queueing releases nothing twice
+    queue.withdraw(request)
+    with queue.reserve(3):
+        assert queue.wait_s(1)[0] == pytest.approx(0.9)
+    assert queue.wait_s(1)[0] == pytest.approx(0.6) and queue.refusal(4) is None  # released unqueued
+
+
+def test_refusal_of_a_request_that_would_not_start_before_its_deadline(loop):
+    queue = new_queue(max_images=100, max_batch_size=4, instances=2)
+    queue.record_batch(4, 0.8)  # 0.2 s per image
+    assert queue.refusal(1, running=[4], deadline_in_s=0.001) is None  # an instance is free: it starts at once
+    queued(loop, queue, range(8))  # (8 x 0.2 s) / 2 instances = 0.8 s ahead
+    assert queue.refusal(1, deadline_in_s=0.9) is None
+    late = queue.refusal(1, deadline_in_s=0.5)
+    assert late.reason == "deadline_unreachable" and "about 800 ms" in late.message and "500 ms away" in late.message
+    assert queue.refusal(1, running=[4, 4], deadline_in_s=0.9).reason == "deadline_unreachable"  # + 2 half-done batches: 1.2 s
+    # a request larger than a batch must start its last part in time: 0.8 + (8 - 4) x 0.2 / 2 = 1.2 s
+    assert queue.refusal(8, deadline_in_s=1.1).reason == "deadline_unreachable"
+    assert queue.refusal(8, deadline_in_s=1.3) is None
 
 
 def test_withdraw_removes_only_untaken_images_once(loop):
@@ -176,6 +234,53 @@ def test_full_queue_refuses_at_once_and_accepted_requests_complete():
     assert results == [[f"out:{i}", f"out:{i}"] for i in range(3)]
     assert "x" not in model.seen
     assert observer.rejections == ["queue_full", "queue_full"]
+
+
+def test_work_ahead_over_the_time_bound_is_refused_at_once_and_admitted_requests_complete():
+    model = FakeModel(delay=0.05)
+    observer = RecordingObserver()
+
+    async def body(batcher):
+        await batcher.submit(["timed"])  # one batch timed: about 50 ms
+        holder = await hold_runner(batcher, model)
+        admitted = [asyncio.create_task(batcher.submit([name])) for name in ("a1", "a2")]  # a2: 25 + 50 ms ahead
+        await until_queued(batcher, 2)
+        started = time.perf_counter()
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(["b"])  # 25 ms (the running batch, half done) + 2 x 50 ms > 100 ms
+        assert time.perf_counter() - started < 0.05
+        with pytest.raises(Overloaded):
+            batcher.admit(1)
+        model.release.set()
+        await holder
+        return await asyncio.gather(*admitted), refused.value
+
+    results, refused = run(body, model, max_batch_size=1, max_queue_delay_ms=100, observer=observer)
+    assert results == [["out:a1"], ["out:a2"]] and "b" not in model.seen
+    assert "ms of work queued" in refused.message and int(refused.headers["Retry-After"]) >= 1
+    assert observer.rejections == ["queue_delay", "queue_delay"]
+
+
+def test_an_admitted_request_holds_its_place_while_it_is_decoded():
+    model = FakeModel()
+    observer = RecordingObserver()
+
+    async def body(batcher):
+        holder = await hold_runner(batcher, model)
+        with batcher.admit(3) as admission:  # decoding...
+            with pytest.raises(Overloaded):
+                batcher.admit(2)  # 3 reserved + 2 > 4
+            queued = asyncio.create_task(batcher.submit(["a", "b", "c"], admission=admission))
+            await until_queued(batcher, 3)
+        assert batcher.admit(1).images == 1  # 3 queued + 1: fits; the submit released its reservation once
+        with pytest.raises(DeadlineExceeded):
+            batcher.admit(1, deadline=time.monotonic() - 0.001)  # late before it was admitted: 504, not 503
+        model.release.set()
+        await holder
+        return await queued
+
+    assert run(body, model, max_queue_images=4, observer=observer) == ["out:a", "out:b", "out:c"]
+    assert observer.rejections == ["queue_full", "deadline"]
 
 
 def test_deadline_passed_while_queued_fails_before_inference():

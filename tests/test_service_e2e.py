@@ -242,6 +242,31 @@ def test_a_full_queue_refuses_at_once_with_503_and_retry_after(repo):
         assert srv.stop() == 0
 
 
+def test_a_request_that_would_wait_past_the_queue_time_bound_is_refused_at_once(repo):
+    # 0 ms: a request is admitted only when an instance is free to start it at once (after the first batch is timed)
+    srv = Server(repo, max_queue_delay_ms="0", max_batch_size="1", instances="1")
+    images = files(shapes(1))
+
+    def one(_):
+        with httpx.Client(base_url=srv.url, timeout=30) as http:
+            return http.post("/classify", files=images)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(one, range(60)))
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) == {200, 503}, statuses  # every admitted request answered; none ran past its deadline
+        for refused in (r for r in responses if r.status_code == 503):
+            error = refused.json()["error"]
+            assert error["type"] == "overloaded" and "ms of work queued" in error["message"], error
+            assert int(refused.headers["retry-after"]) >= 1
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert 'vitserve_rejections_total{model="shapes",reason="queue_delay"}' in metrics
+        assert httpx.get(f"{srv.url}/healthz").status_code == 200
+    finally:
+        assert srv.stop() == 0
+
+
 def test_settings_that_cannot_work_stop_the_server_with_a_clear_message(repo, tmp_path):
     result = subprocess.run([VIT_SERVE, "--repo", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "is not a directory" in result.stderr

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from ..errors import NotFound, NotReady
-from ..inference import prepare_images, submit
+from ..inference import prepare_images, request_deadline
 from ..state import ServedModel, ServiceState
 from ..tasks import PreparedImage
 from ..tasks.base import Item
@@ -72,16 +72,17 @@ async def infer_tensors(state: ServiceState, model: ServedModel, parsed: Inferen
     (a gRPC deadline), besides Triton's `timeout` parameter; the server's caps both."""
     plans = plan_outputs(parsed, model)
     given, batch = check_inputs(parsed, model, state.settings.max_images_per_request)
-    model.batcher.check_capacity(batch)  # refused now, before any tensor is converted or image decoded
-    inputs = await run(state, off_loop, lambda: model_inputs(parsed, read_tensors(given), batch, model))
-    if inputs.pixels is not None:
-        images = [PreparedImage(pixels) for pixels in inputs.pixels]
-    else:
-        images = await prepare_images(state, model, inputs.encoded)
-    work = batch_work(model, inputs, images)
     budgets = [ms for ms in (_timeout_ms(parsed.parameters), timeout_ms) if ms]
-    outputs = await submit(state, model, work.items, min(budgets, default=None), arrived=arrived,
-                           is_disconnected=is_disconnected, batch_key=work.batch_key)
+    deadline = request_deadline(state, min(budgets, default=None), arrived=arrived)
+    with model.batcher.admit(batch, deadline) as admission:  # refused now, before any tensor is converted or image decoded
+        inputs = await run(state, off_loop, lambda: model_inputs(parsed, read_tensors(given), batch, model))
+        if inputs.pixels is not None:
+            images = [PreparedImage(pixels) for pixels in inputs.pixels]
+        else:
+            images = await prepare_images(state, model, inputs.encoded)
+        work = batch_work(model, inputs, images)
+        outputs = await model.batcher.submit(work.items, deadline=deadline, is_disconnected=is_disconnected,
+                                             batch_key=work.batch_key, admission=admission)
     return plans, outputs
 
 
