@@ -94,6 +94,14 @@ bench: venv
 bench-smoke: venv
 	$(BIN)/python -m bench --smoke --out /tmp/vitserve-bench-smoke
 
+# Overload and soak (not part of `make test`): the real server at c=16, then three rounds of 60 s at c=256, on a
+# random-weight ViT-Tiny; prints admitted / refused / 504, latencies, goodput and RSS per round. SOAK_ARGS passes
+# options, e.g. SOAK_ARGS="--model vit-base --overload 64".
+SOAK_ARGS ?=
+.PHONY: soak
+soak: venv
+	$(BIN)/python -m bench.overload $(SOAK_ARGS)
+
 clean:
 	rm -rf $(VENV) $(RUNS) $(MODELS) .pytest_cache
 
