@@ -18,6 +18,7 @@ import asyncio
 import collections
 import dataclasses
 import math
+import time
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from typing import Any
 
@@ -80,6 +81,7 @@ class Reservation:
 
     def __init__(self, queue: RequestQueue, images: int) -> None:
         self._queue, self.images = queue, images
+        self.admitted_at = time.monotonic()
         queue._reserved += images
 
     def release(self) -> None:
@@ -108,6 +110,7 @@ class RequestQueue:
         self._images = 0  # untaken images across _requests
         self._reserved = 0  # images of admitted requests not queued yet (Reservation)
         self._batch_s: dict[int, float] = {}  # batch size -> running average of its time
+        self._to_queue_s = 0.0  # running average from admission to the queue (decoding): part of the wait
 
     # ---- what is queued -------------------------------------------------------------------------
 
@@ -151,9 +154,10 @@ class RequestQueue:
         return (full * self.batch_s(self.max_batch_size) + (self.batch_s(rest) if rest else 0.0)) / self._instances
 
     def wait_s(self, images: int, *, staged: int = 0, running: Sequence[int] = ()) -> tuple[float, float] | None:
-        """Estimated seconds until a request of `images` arriving now starts, and until its last image starts
-        (a request larger than a batch runs in parts); None before any batch was timed. The work ahead: the
-        `running` batches (their sizes; half done on average) and every waiting image, shared by the instances."""
+        """Estimated seconds of work ahead of a request of `images` arriving now, and until its last image starts
+        (it is decoded first, and a request larger than a batch runs in parts); None before any batch was timed.
+        The work ahead: the `running` batches (their sizes; half done on average) and every waiting image, shared
+        by the instances."""
         if not self._batch_s:
             return None
         waiting = self._images + staged + self._reserved
@@ -161,7 +165,7 @@ class RequestQueue:
             first = 0.0  # an instance is free
         else:
             first = sum(self.batch_s(size) for size in running) / 2 / self._instances + self.drain_s(waiting)
-        return first, first + self.drain_s(max(0, images - self.max_batch_size))
+        return first, self._to_queue_s + first + self.drain_s(max(0, images - self.max_batch_size))
 
     def refusal(self, images: int, *, staged: int = 0, running: Sequence[int] = (),
                 deadline_in_s: float | None = None) -> Overloaded | None:
@@ -203,6 +207,8 @@ class RequestQueue:
     def add(self, request: QueuedRequest, reservation: Reservation | None = None) -> None:
         """Queue an admitted request (see `refusal`) behind the others; its images stop being reserved."""
         if reservation is not None:
+            if reservation.images:  # how long decoding took under the current load
+                self._to_queue_s += _RECENT_BATCH_WEIGHT * (time.monotonic() - reservation.admitted_at - self._to_queue_s)
             reservation.release()
         self._requests.append(request)
         self._images += request.untaken

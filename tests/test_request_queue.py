@@ -119,6 +119,20 @@ def test_images_being_decoded_count_as_waiting_until_queued_or_released(loop):
     assert queue.wait_s(1)[0] == pytest.approx(0.6) and queue.refusal(4) is None  # released unqueued
 
 
+def test_the_deadline_estimate_includes_how_long_admitted_requests_take_to_reach_the_queue(loop):
+    queue = new_queue(max_images=100, max_batch_size=4, instances=1)
+    queue.record_batch(4, 0.4)
+    queued(loop, queue, range(4))
+    assert queue.wait_s(1) == pytest.approx((0.4, 0.4))
+    reservation = queue.reserve(1)
+    reservation.admitted_at -= 1.0  # decoding took a second
+    queue.add(QueuedRequest(["slow"], loop.create_future(), loop.time(), None, None, None), reservation)
+    first, last = queue.wait_s(1)
+    assert first == pytest.approx(0.5)  # the queued work ahead
+    assert last - first == pytest.approx(0.2, abs=0.01)  # a fifth of the way to the second the last one took
+    assert queue.refusal(1, deadline_in_s=0.6).reason == "deadline_unreachable"
+
+
 def test_refusal_of_a_request_that_would_not_start_before_its_deadline(loop):
     queue = new_queue(max_images=100, max_batch_size=4, instances=2)
     queue.record_batch(4, 0.8)  # 0.2 s per image
