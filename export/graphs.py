@@ -5,6 +5,7 @@ Preprocessing lives in the graph. Every graph takes `images`, uint8 RGB pixels
 with the checkpoint's mean/std, so a server only decodes and resizes.
 
 - ClassifierGraph:    images -> logits (B, num_classes)
+- AttentionGraph:     images -> attention (B, rows, cols), the classifier's attention rollout (cls or gap pooling)
 - EmbedderGraph:      images -> embedding (B, D), the encoder's pooled features, not L2-normalised
 - ReconstructorGraph: images, noise (B, L), keep () -> patches, mask, loss, reconstruction
 
@@ -27,7 +28,7 @@ from torch import nn
 from model.mae import MaskedAutoencoder, denormalise_patches, encoder_of, num_visible
 from model.vit import VisionTransformer
 from modelrepo import TensorSpec
-from modelrepo.names import BATCH, EMBEDDING, IMAGES, KEEP, LOGITS, LOSS, MASK, NOISE, PATCHES, RECONSTRUCTION
+from modelrepo.names import ATTENTION, BATCH, EMBEDDING, IMAGES, KEEP, LOGITS, LOSS, MASK, NOISE, PATCHES, RECONSTRUCTION
 
 
 class Normalise(nn.Module):
@@ -117,6 +118,67 @@ class ClassifierGraph(ExportGraph):
 
     def shapes(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         return {**super().shapes(), LOGITS: ("float32", (BATCH, self.vit.config.num_classes))}
+
+
+class AttentionGraph(ExportGraph):
+    """Where a classifier looks: an attention-rollout heat map over its patch grid, a graph of its own beside the
+    classifier's, so a request that does not ask for it runs nothing of it (onnxruntime runs every node of a
+    graph whichever outputs are fetched; RunOptions.only_execute_path_to_fetches did not prune in 1.32).
+    `map` pooling has no such map (its pooling attention is not a block's)."""
+
+    task = "classify"
+    output_names = (ATTENTION,)
+
+    def __init__(self, vit: VisionTransformer, mean: Sequence[float], std: Sequence[float]) -> None:
+        if not isinstance(vit, VisionTransformer):
+            raise TypeError(f"AttentionGraph needs a VisionTransformer, got {type(vit).__name__}")
+        if vit.config.pooling not in ROLLOUT_POOLINGS:
+            raise ValueError(f"attention rollout needs cls or gap pooling, not {vit.config.pooling!r}")
+        super().__init__(vit, mean, std)
+        self.vit = vit
+
+    @staticmethod
+    def supports(vit: VisionTransformer) -> bool:
+        return vit.config.pooling in ROLLOUT_POOLINGS
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, H, W, 3) uint8 -> (B, rows, cols)
+        _, weights = self.vit.forward_features_with_attention(self.normalise(images))
+        flow = attention_rollout(weights, self.vit.num_prefix_tokens, self.vit.config.pooling)  # (B, N)
+        rows, cols = self.vit.config.grid_size
+        return rearrange(flow, "b (h w) -> b h w", h=rows, w=cols)
+
+    def shapes(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        rows, cols = self.vit.config.grid_size
+        return {**super().shapes(), ATTENTION: ("float32", (BATCH, rows, cols))}
+
+
+ROLLOUT_POOLINGS = ("cls", "gap")
+
+
+def attention_rollout(weights: Sequence[torch.Tensor], num_prefix: int, pooling: str) -> torch.Tensor:
+    """How much of the pooled representation flows from each patch (Abnar & Zuidema, "Quantifying attention flow
+    in transformers", 2020): per block the heads' mean attention plus the identity for the residual path, halved
+    so rows still sum to 1, multiplied through the blocks; then the pooled token's row (cls) or the mean of the
+    patch rows (gap), over the patch columns, renormalised to sum to 1.
+
+    Rollout rather than the last block's class-token attention: that one ignores the residual stream and every
+    earlier block, is noisy in small models, and does not exist for gap pooling.
+
+    weights: [(B, heads, T, T)] per block, T = num_prefix + N -> (B, N)
+    """
+    tokens = weights[0].shape[-1]
+    identity = torch.eye(tokens, dtype=weights[0].dtype, device=weights[0].device)
+    rollout = identity.expand(weights[0].shape[0], tokens, tokens)  # (B, T, T)
+    for block_weights in weights:
+        mixed = 0.5 * block_weights.mean(dim=1) + 0.5 * identity  # (B, T, T), rows sum to 1
+        rollout = mixed @ rollout
+    if pooling == "cls":
+        flow = rollout[:, 0, num_prefix:]  # (B, N)
+    elif pooling == "gap":
+        flow = rollout[:, num_prefix:, num_prefix:].mean(dim=1)  # (B, N)
+    else:
+        raise ValueError(f"attention rollout needs cls or gap pooling, not {pooling!r}")
+    return flow / flow.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 class EmbedderGraph(ExportGraph):

@@ -12,7 +12,9 @@ import torch
 from imageprep import DEFAULT_CROP_FRACTION, DEFAULT_INTERPOLATION
 from model.checkpoints import LoadedCheckpoint
 from model.mae import encoder_of
-from modelrepo import Classification, Embedding, ImageInput, ModelMetadata, Normalization, Reconstruction, VariantRecord
+from modelrepo import (
+    AttentionMaps, Classification, Embedding, ImageInput, ModelMetadata, Normalization, Reconstruction, VariantRecord,
+)
 
 from .graphs import ClassifierGraph, EmbedderGraph, ExportGraph, ReconstructorGraph
 
@@ -22,7 +24,8 @@ INTERPOLATION = DEFAULT_INTERPOLATION
 
 
 def build_metadata(name: str, graph: ExportGraph, loaded: LoadedCheckpoint, variants: Mapping[str, VariantRecord],
-                   source: Mapping[str, Any], exporter_options: Mapping[str, Any]) -> ModelMetadata:
+                   source: Mapping[str, Any], exporter_options: Mapping[str, Any],
+                   attention: AttentionMaps | None = None) -> ModelMetadata:
     config = encoder_of(loaded.model).config
     height, width = config.image_size
     return ModelMetadata(
@@ -30,7 +33,7 @@ def build_metadata(name: str, graph: ExportGraph, loaded: LoadedCheckpoint, vari
         image=ImageInput(height, width, INTERPOLATION, CROP_FRACTION),
         normalization=Normalization(tuple(loaded.mean), tuple(loaded.std)),
         patch_size=config.patch_size, grid=tuple(config.grid_size),
-        **task_section(graph, loaded.labels),
+        **task_section(graph, loaded.labels), attention=attention,
         variants=dict(variants), source=dict(source),
         exporter={"vitserve": _version("vitserve"), "torch": torch.__version__, "onnx": onnx.__version__,
                   "onnxruntime": onnxruntime.__version__, **exporter_options},

@@ -17,14 +17,14 @@ from model.mae import MaskedAutoencoder, encoder_of, image_size_of
 from model.provenance import recorded_name, validation_images
 from model.transforms import resize_and_centre_crop
 from model.vit import VisionTransformer
-from modelrepo import (ModelMetadata, VariantRecord, check_name, check_repository, read_version_policy, staged_version,
-                       write_metadata)
-from modelrepo.names import IMAGES, KEEP, NOISE, VARIANT_FILES
+from modelrepo import (AttentionMaps, ModelMetadata, VariantRecord, check_name, check_repository, read_version_policy,
+                       staged_version, write_metadata)
+from modelrepo.names import ATTENTION_FILE, IMAGES, KEEP, NOISE, VARIANT_FILES
 from modelrepo.triton import triton_config, write_triton_config
 
 from .calibration import CalibrationSet, calibration_set
 from .errors import ExportError, VariantError
-from .graphs import ClassifierGraph, EmbedderGraph, ExportGraph, ReconstructorGraph
+from .graphs import AttentionGraph, ClassifierGraph, EmbedderGraph, ExportGraph, ReconstructorGraph
 from .metadata import CROP_FRACTION, build_metadata
 from .onnx_export import DEFAULT_DYNAMO, DEFAULT_OPSET, check_opset, export_onnx
 from .parity import FP32_TOLERANCE, check_parity, parity_inputs
@@ -65,6 +65,7 @@ class PlannedGraph:
     name: str
     task: str  # classify | embed | reconstruct
     graph: ExportGraph
+    attention: AttentionGraph | None = None  # a classifier's heat maps, a graph of its own beside it
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ def plan_graphs(loaded: LoadedCheckpoint, name: str) -> list[PlannedGraph]:
         return [PlannedGraph(f"{name}-embed", "embed", EmbedderGraph(model.encoder, mean, std)),
                 PlannedGraph(f"{name}-reconstruct", "reconstruct", ReconstructorGraph(model, mean, std))]
     if isinstance(model, VisionTransformer) and model.config.num_classes > 0:
-        return [PlannedGraph(name, "classify", ClassifierGraph(model, mean, std))]
+        attention = AttentionGraph(model, mean, std) if AttentionGraph.supports(model) else None
+        return [PlannedGraph(name, "classify", ClassifierGraph(model, mean, std), attention)]
     return [PlannedGraph(f"{name}-embed", "embed", EmbedderGraph(model, mean, std))]
 
 
@@ -170,14 +172,24 @@ def export_graph(request: ExportRequest, loaded: LoadedCheckpoint, plan: Planned
                 variants[kind] = build_static_int8(plan, fp32_path, target, variant_inputs, calibration)
             else:
                 variants[kind] = build_variant(kind, fp32_path, target, variant_inputs)
+        attention = export_attention(request, plan.attention, staged.path, real_images) if plan.attention else None
         source = {"checkpoint": str(request.checkpoint), "sha256": checkpoint_sha, "format": loaded.source, "step": loaded.step}
         metadata = build_metadata(plan.name, plan.graph, loaded, variants, source,
-                                  {"opset": request.opset, "dynamo": request.dynamo})
+                                  {"opset": request.opset, "dynamo": request.dynamo}, attention)
         write_metadata(staged.path, metadata)
     write_triton_config(request.repo, plan.name, triton_config(plan.name, metadata.inputs, metadata.outputs,
                                                                 max_batch_size=request.max_batch_size,
                                                                 version_policy=read_version_policy(request.repo, plan.name)))
     return WrittenVersion(plan.name, staged.version, request.repo / plan.name / str(staged.version), metadata)
+
+
+def export_attention(request: ExportRequest, graph: AttentionGraph, folder: Path, real_images: np.ndarray) -> AttentionMaps:
+    """The classifier's attention maps as their own graph, checked against PyTorch like the classifier."""
+    inputs = parity_inputs(graph, real_images=real_images)
+    path = folder / ATTENTION_FILE
+    export_onnx(graph, inputs[0], path, opset=request.opset, dynamo=request.dynamo)
+    differences = check_parity(graph, path, inputs, FP32_TOLERANCE)
+    return AttentionMaps(path.name, graph.output_specs[0], tolerance=FP32_TOLERANCE, max_abs_diff_vs_torch=differences)
 
 
 def build_variant(kind: str, reference: Path, path: Path, inputs: list[dict], *, labels: np.ndarray | None = None,

@@ -29,10 +29,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, D) -> q, k, v, each (B, heads, N, D / heads)."""
+        return tuple(rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(*self.heads(x))
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities `forward` applies, softmax(q k^T / sqrt(d)). (B, N, D) -> (B, heads, N, N)"""
+        q, k, _ = self.heads(x)
+        return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
 
 
 class Mlp(nn.Sequential):
@@ -73,6 +81,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`, and the attention probabilities of its heads: (B, T, D) -> (B, T, D), (B, heads, T, T)."""
+        return self(x), self.attn.weights(self.norm1(x))
 
 
 class LinearPatchEmbed(nn.Module):
@@ -203,6 +215,14 @@ class VisionTransformer(nn.Module):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, prefix + N, D) output tokens."""
         return self.encode(self.prepend_cls(self.patch_tokens(images)))
+
+    def forward_features_with_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`forward_features`, and each block's attention probabilities: (B, T, D), [(B, heads, T, T)] * depth."""
+        tokens, weights = self.prepend_cls(self.patch_tokens(images)), []
+        for block in self.blocks:
+            tokens, block_weights = block.forward_with_attention(tokens)
+            weights.append(block_weights)
+        return self.norm(tokens), weights
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, prefix + N, D) -> (B, D) by the configured pooling."""

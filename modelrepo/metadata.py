@@ -104,6 +104,27 @@ class Reconstruction:
 
 
 @dataclass(frozen=True)
+class AttentionMaps:
+    """A classifier's heat maps: `file` (beside the classifier's graph) takes the same `images` and answers `output`
+    (B, grid rows, grid columns), by `method` ("rollout": attention rollout from the pooled token to each patch,
+    summing to 1 over the patches), checked against PyTorch at export like every graph."""
+    file: str
+    output: TensorSpec
+    method: str = "rollout"
+    tolerance: float | None = None
+    max_abs_diff_vs_torch: Mapping[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "output": self.output.to_json(), "method": self.method, "tolerance": self.tolerance,
+                "max_abs_diff_vs_torch": dict(self.max_abs_diff_vs_torch or {})}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AttentionMaps:
+        return cls(str(data["file"]), TensorSpec.from_json(data["output"]), str(data.get("method", cls.method)),
+                   data.get("tolerance"), data.get("max_abs_diff_vs_torch"))
+
+
+@dataclass(frozen=True)
 class VariantRecord:
     """One graph file and how well it agreed at export: fp32 against PyTorch, the others against fp32."""
     file: str
@@ -141,6 +162,7 @@ class ModelMetadata:
     classification: Classification | None = None  # task classify
     embedding: Embedding | None = None  # task embed
     reconstruction: Reconstruction | None = None  # task reconstruct
+    attention: AttentionMaps | None = None  # classifiers exported with attention maps (older exports lack them)
     variants: Mapping[str, VariantRecord] = field(default_factory=dict)
     source: Mapping[str, Any] = field(default_factory=dict)  # provenance: checkpoint path, sha256, format, step
     exporter: Mapping[str, Any] = field(default_factory=dict)  # package versions and ONNX options
@@ -186,6 +208,7 @@ class ModelMetadata:
             "num_classes": self.classification.num_classes if self.classification else None,
             "embedding": self.embedding.to_json() if self.embedding else None,
             "reconstruction": self.reconstruction.to_json() if self.reconstruction else None,
+            "attention": self.attention.to_json() if self.attention else None,
             "variants": {kind: record.to_json() for kind, record in self.variants.items()},
             "source": dict(self.source), "exporter": dict(self.exporter), "created": self.created,
         }
@@ -237,6 +260,7 @@ class ModelMetadata:
             image=ImageInput.from_json(data["image"]), normalization=Normalization.from_json(data["normalization"]),
             patch_size=int(data["patch_size"]), grid=grid,
             classification=classification, embedding=embedding, reconstruction=reconstruction,
+            attention=AttentionMaps.from_json(data["attention"]) if data.get("attention") else None,
             variants={kind: VariantRecord.from_json(v) for kind, v in (data.get("variants") or {}).items()},
             source=dict(data.get("source") or {}), exporter=dict(data.get("exporter") or {}),
             created=str(data.get("created") or ""),

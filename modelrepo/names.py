@@ -11,6 +11,8 @@ STAGING_PREFIX = ".staging-"  # a version being written; readers skip it
 # int8: dynamic quantisation (activations quantised at run time); int8-static: QDQ, activation ranges calibrated at export.
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "int8-static": "model.int8-static.onnx",
                  "fp16": "model.fp16.onnx"}
+# A classifier's attention maps: a graph of its own, run only for requests that ask for them.
+ATTENTION_FILE = "attention.onnx"
 
 Task = Literal["classify", "embed", "reconstruct"]
 TASKS: tuple[Task, ...] = ("classify", "embed", "reconstruct")
@@ -19,4 +21,5 @@ TASKS: tuple[Task, ...] = ("classify", "embed", "reconstruct")
 IMAGES, NOISE, KEEP = "images", "noise", "keep"
 LOGITS, EMBEDDING = "logits", "embedding"
 PATCHES, MASK, LOSS, RECONSTRUCTION = "patches", "mask", "loss", "reconstruction"
+ATTENTION = "attention"  # (B, grid rows, grid columns): attention rollout to each patch, summing to 1 per image
 BATCH = -1  # the dynamic batch axis in a tensor's shape

@@ -22,8 +22,9 @@ from .state import ServedModel, ServiceState
 from .tasks import HANDLERS
 from .v2 import HEALTH_PATHS as V2_HEALTH_PATHS, v2_router
 from .v2.errors import is_v2_path, v2_error_response
+from .web_page import PAGE_PATHS, install_web_page
 
-OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json", *DOC_PATHS, *V2_HEALTH_PATHS}
+OPEN_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json", *DOC_PATHS, *V2_HEALTH_PATHS, *PAGE_PATHS}
 ERRORS = {"model": schemas.ErrorResponse}
 ERROR_RESPONSES = {code: ERRORS for code in (400, 401, 404, 406, 413, 415, 422, 503, 504)}
 
@@ -58,6 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
     _install_error_handlers(app)
     install_docs(app)  # /docs and /redoc with their assets served from the package, not a CDN
     install_openapi(app, OPEN_PATHS, api_key=settings.api_key is not None)
+    install_web_page(app)  # /ui/: try the models in a browser, through the same endpoints as any client
 
     @app.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: 200 while the process serves")
     async def healthz() -> dict:
@@ -116,6 +118,7 @@ def describe_model(model: ServedModel, settings: Settings, versions: list[dict])
         "inputs": [t.to_json() for t in meta.inputs], "outputs": [t.to_json() for t in meta.outputs],
         "image_size": list(meta.image.size),
         "labels": list(meta.classification.labels) if meta.classification else None,
+        "attention": meta.attention is not None,  # answers /classify?attention=true
         "runtime": loaded.runtime, "provider": loaded.provider, "variant": loaded.variant, "precision": loaded.precision,
         "batching": {"max_batch_size": model.max_batch_size, "max_delay_ms": settings.max_delay_ms,
                      "max_queue_images": settings.max_queue_images,

@@ -25,7 +25,7 @@ async def serve_task(request: Request, state: ServiceState, handler: TaskHandler
             work = handler.batch_work(prepared, params, model)
             outputs = await model.batcher.submit(work.items, deadline=deadline, is_disconnected=request.is_disconnected,
                                                  batch_key=work.batch_key, admission=admission)
-        if handler.respond_off_loop:
+        if handler.responds_off_loop(params):
             return await asyncio.get_running_loop().run_in_executor(
                 state.decode_pool, handler.respond, model, params, prepared, outputs, media_type)
         return handler.respond(model, params, prepared, outputs, media_type)

@@ -87,7 +87,7 @@ def pictures_at_source_size(image: Image.Image, box: tuple[float, float, float, 
     MAX_PICTURE_SIDE): inside the region the model saw (`box`), hidden patches are grey / predicted (upscaled from
     the model's size), visible ones keep the upload's own pixels; outside it, the upload faded, since the model
     never saw those pixels. predicted: (H, W, 3) uint8 at the model's size, every patch as the decoder saw it."""
-    image, box = _capped(image, box)
+    image, box = capped(image, box)
     base = np.asarray(image, dtype=np.float32)
     # Outward to whole pixels, at least one: the seen region of a 1-pixel-wide upload is under a pixel across.
     left, top = min(int(box[0]), image.width - 1), min(int(box[1]), image.height - 1)
@@ -110,7 +110,7 @@ def pictures_at_source_size(image: Image.Image, box: tuple[float, float, float, 
             "composite": over_faded(np.where(hidden, upscaled, seen))}
 
 
-def _capped(image: Image.Image, box: tuple[float, float, float, float]) -> tuple[Image.Image, tuple[float, ...]]:
+def capped(image: Image.Image, box: tuple[float, float, float, float]) -> tuple[Image.Image, tuple[float, ...]]:
     factor = MAX_PICTURE_SIDE / max(image.size)
     if factor >= 1:
         return image, box

@@ -2,14 +2,17 @@
 silent fallback), threads, warm-up."""
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from modelrepo import ModelMetadata
-from modelrepo.names import KEEP
+from modelrepo.names import ATTENTION, IMAGES, KEEP
 
 from .repository import ModelVersion
 from .runtimes import Session, openvino_installed
@@ -18,6 +21,9 @@ from .runtimes.onnxruntime import CPU, CUDA, cuda_available, open_ort
 log = logging.getLogger("vitserve.runtime")
 
 Item = dict[str, np.ndarray]  # one image's inputs (or outputs), by tensor name
+# An item's entry naming optional outputs to compute besides the graph's own (ATTENTION: the attention graph
+# runs too); never a tensor name. Work that sets it has a batch key of its own, so a batch agrees on it.
+FETCH_ALSO = "+fetch"
 
 
 class RuntimeStartError(Exception):
@@ -33,6 +39,11 @@ class LoadedModel:
     warmup_s: float = 0.0
     # CPU with several instances: the same graph on all cores, for a batch that runs alone (see `run`)
     solo_session: Session | None = None
+    # Opens the attention graph (classifiers exported with one) in the same runtime; called on the first request that
+    # asks for a map, so a server whose clients never do holds no second copy of the weights.
+    open_attention: Callable[[], Session] | None = None
+    _attention: Session | None = field(default=None, repr=False)
+    _attention_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.provider, self.precision = self.session.provider, self.session.precision
@@ -51,7 +62,20 @@ class LoadedModel:
         feeds = {spec.name: np.stack([item[spec.name] for item in items]) if spec.batched else np.asarray(items[0][spec.name])
                  for spec in self.metadata.inputs}
         outputs = self.run(feeds, alone=alone)
+        if ATTENTION in items[0].get(FETCH_ALSO, ()):
+            outputs[ATTENTION] = self.attention_session().run({IMAGES: feeds[IMAGES]})[ATTENTION]
         return [{name: value[i] for name, value in outputs.items()} for i in range(len(items))]
+
+    def attention_session(self) -> Session:
+        """The attention graph's session, opened on first use (by one batch thread; the others wait for it)."""
+        if self.open_attention is None:
+            raise RuntimeError(f"{self.name} v{self.entry.version} has no attention graph")
+        with self._attention_lock:
+            if self._attention is None:
+                started = time.perf_counter()
+                self._attention = self.open_attention()
+                log.info("%s: attention graph opened in %.2fs", self.name, time.perf_counter() - started)
+            return self._attention
 
     def run(self, feeds: dict[str, np.ndarray], alone: bool = False) -> dict[str, np.ndarray]:
         """Run one batch. `alone`: nothing else runs now, so use all cores (the solo session) when there is one."""
@@ -60,7 +84,7 @@ class LoadedModel:
 
     def release(self) -> None:
         """Drop the sessions (the version was retired); whoever still runs a batch on one keeps it alive until done."""
-        self.session = self.solo_session = None
+        self.session = self.solo_session = self._attention = self.open_attention = None
 
     def dummy_feeds(self, batch: int) -> dict[str, np.ndarray]:
         """Zeros of every input's shape and dtype (keep: the default number of visible patches)."""
@@ -140,6 +164,9 @@ def load_model(entry: ModelVersion, *, device: str, variant: str, intra_op_threa
         if variant == "auto" and chosen != "fp32":  # the fp16 graph was picked for a GPU that is not there
             chosen, session = "fp32", _session(entry, "fp32", [CPU], intra_op_threads, spin_us)
     loaded = LoadedModel(entry, session, chosen)
+    if entry.metadata.attention is not None:
+        loaded.open_attention = functools.partial(open_ort, entry.path / entry.metadata.attention.file,
+                                                  [active] if active == CPU else [CUDA, CPU], intra_op_threads, spin_us)
     if active == CPU and solo_threads is not None and solo_threads > intra_op_threads:
         loaded.solo_session = _session(entry, chosen, [CPU], solo_threads, spin_us)
     return loaded
@@ -165,6 +192,9 @@ def _load_openvino(entry: ModelVersion, *, variant: str, threads: int, solo_thre
     path = entry.variant_path(chosen)
     loaded = LoadedModel(entry, OpenVinoSession(path, threads=threads, streams=instances, precision=precision), chosen,
                          runtime="openvino")
+    if entry.metadata.attention is not None:
+        loaded.open_attention = functools.partial(OpenVinoSession, entry.path / entry.metadata.attention.file,
+                                                  threads=threads, streams=instances, precision=precision)
     if solo_threads is not None and solo_threads > threads:
         loaded.solo_session = OpenVinoSession(path, threads=solo_threads, streams=1, precision=precision)
     return loaded

@@ -31,6 +31,15 @@ class CommonParams(BaseModel):
 
 class ClassifyParams(CommonParams):
     top_k: int = Field(5, ge=1, description="labels to return per image", examples=[3])
+    attention: bool = Field(False, description="also where the model looked: per image, an attention-rollout heat map "
+                            "over the patch grid (rows of floats summing to 1). Runs a second graph: off by default; "
+                            "refused (422) for a model exported without it", examples=[True])
+    attention_png: bool = Field(False, description="also the heat map drawn over the upload, as a base64 PNG (longer "
+                                "side at most 2048); implies attention", examples=[True])
+
+    @property
+    def wants_attention(self) -> bool:
+        return self.attention or self.attention_png
 
 
 class EmbedParams(CommonParams):
@@ -75,6 +84,10 @@ class Prediction(BaseModel):
 
 class ClassifyResult(BaseModel):
     predictions: list[Prediction]
+    attention: list[list[float]] | None = Field(None, description="with attention=true: the heat map, one row of "
+                                                "floats per patch row (row-major, like the patch grid), summing to 1")
+    attention_png: str | None = Field(None, description="with attention_png=true: base64 PNG of the heat map over "
+                                      "the upload (the region the model saw; the rest faded)")
 
 
 class ClassifyResponse(BaseModel):

@@ -115,7 +115,7 @@ def test_pictures_at_the_upload_size_keep_its_pixels_where_visible_and_fade_what
 
 def test_a_parameter_of_another_endpoint_is_named_with_the_ones_this_endpoint_takes(client):
     error = assert_error(client.post("/classify", files=files(shapes(1)), data={"visible": "1"}), 422, "invalid_parameter")
-    assert error["message"] == "visible: unknown parameter; this endpoint takes model, timeout_ms, top_k, version"
+    assert error["message"] == "visible: unknown parameter; this endpoint takes attention, attention_png, model, timeout_ms, top_k, version"
 
 
 def test_a_one_pixel_wide_upload_still_gets_pictures_at_its_own_size(client):

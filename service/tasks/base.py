@@ -38,8 +38,9 @@ class BatchWork:
 class TaskHandler:
     task: ClassVar[Task]
     params_type: ClassVar[type[CommonParams]]
-    # Responses that take real CPU (PNG encoding) are built in the decode threads, off the event loop.
-    respond_off_loop: ClassVar[bool] = False
+    def responds_off_loop(self, params: Any) -> bool:
+        """Whether the answer takes real CPU (PNG encoding): then it is built in the decode threads, off the event loop."""
+        return False
 
     def keeps_source(self, params: Any) -> bool:
         """Whether the answer needs the decoded uploads themselves, not only the model's pixels."""
@@ -57,7 +58,7 @@ class TaskHandler:
         raise NotImplementedError
 
 
-def json_response(body: BaseModel) -> Response:
+def json_response(body: BaseModel, exclude_none: bool = False) -> Response:
     """The response, serialised once: FastAPI would validate a returned model against `response_model` again
-    (the declared models still document the endpoints)."""
-    return Response(body.model_dump_json(), media_type=JSON)
+    (the declared models still document the endpoints). `exclude_none` leaves out the optional parts not asked for."""
+    return Response(body.model_dump_json(exclude_none=exclude_none), media_type=JSON)

@@ -22,7 +22,9 @@ _JSON_OK = (JSON, "application/*", "*/*")
 class ReconstructHandler(TaskHandler):
     task = "reconstruct"
     params_type = schemas.ReconstructParams
-    respond_off_loop = True
+
+    def responds_off_loop(self, params: schemas.ReconstructParams) -> bool:
+        return True
 
     def keeps_source(self, params: schemas.ReconstructParams) -> bool:
         return params.size == "input"
