@@ -24,7 +24,7 @@ from importlib import metadata as package_metadata
 from pathlib import Path
 
 from . import report
-from .contenders import KINDS, LITSERVE_BATCH_TIMEOUT_S, Unavailable, make_contender, parse_kind
+from .contenders import KINDS, LITSERVE_BATCH_TIMEOUT_S, Unavailable, is_raw, make_contender, parse_kind
 from .loadgen import LoadGenerator, multipart_image, start_trivial_server
 from .workload import build_model, cores, cuda_available, make_jpegs
 
@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="cuda: the GPU variant (onnxruntime-gpu; CUDA provider for raw ORT, vit-serve and LitServe, "
                              "PyTorch on the GPU for the naive server); defaults become --variants fp32,fp16 --raw-max-batch 64")
-    parser.add_argument("--variants", default=None, help="graph variants: fp32, int8, fp16 (default: fp32,int8; on cuda fp32,fp16)")
+    parser.add_argument("--variants", default=None, help="graph variants: fp32, int8 (dynamic), int8-static, fp16 (default: "
+                        "fp32,int8; on cuda fp32,fp16)")
     parser.add_argument("--concurrency", default="1,4,16,32,64", help="requests kept in flight")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per run (at least)")
     parser.add_argument("--min-images", type=int, default=100,
@@ -141,18 +142,21 @@ def start_contenders(args: argparse.Namespace, model, jpegs: list[bytes], result
                 contenders.append(make_contender(kind, model, variant, jpegs, args.out / "logs", raw_max_batch=args.raw_max_batch, device=args.device,
                                                  sweep_s=args.sweep, litserve_batch_timeout_s=args.litserve_batch_timeout))
             except Unavailable as reason:
-                if kind not in results["skipped"]:
-                    print(f"skipping {kind}: {reason}", flush=True)
-                results["skipped"][kind] = str(reason)
-                break
-    servers = [c for c in contenders if c.kind != "raw"]
+                skipped = f"{kind}/{variant}" if reason.variant_only else kind
+                if skipped not in results["skipped"]:
+                    print(f"skipping {skipped}: {reason}", flush=True)
+                results["skipped"][skipped] = str(reason)
+                if not reason.variant_only:
+                    break
+                continue
+    servers = [c for c in contenders if not is_raw(c.kind)]
     started = []
     try:
         for server in servers:  # launch them all, then wait: start-ups overlap
             server.start()
-        for contender in servers + [c for c in contenders if c.kind == "raw"]:  # raw's batch sweep once the servers idle
+        for contender in servers + [c for c in contenders if is_raw(c.kind)]:  # raw's batch sweep once the servers idle
             try:
-                if contender.kind == "raw":
+                if is_raw(contender.kind):
                     contender.start()
                 contender.wait_ready()
                 started.append(contender)
@@ -166,14 +170,14 @@ def start_contenders(args: argparse.Namespace, model, jpegs: list[bytes], result
         raise
     for contender in started:
         entry = {"model": model.preset, "variant": contender.variant, "contender": contender.kind, **contender.info}
-        results["raw" if contender.kind == "raw" else "servers"].append(entry)
+        results["raw" if is_raw(contender.kind) else "servers"].append(entry)
     # the rounds run the contenders in the order asked for
     return sorted(started, key=lambda c: (args.contenders.index(c.kind), args.variants.index(c.variant)))
 
 
 def run_duration(args: argparse.Namespace, contenders: list) -> float:
     """--duration, or longer for a slow model: long enough for --min-images at the slowest variant's raw-ORT rate."""
-    rates = [max(c.info["sweep_images_per_s"].values()) for c in contenders if c.kind == "raw"]
+    rates = [max(c.info["sweep_images_per_s"].values()) for c in contenders if is_raw(c.kind)]
     return max(args.duration, args.min_images / min(rates)) if rates and args.min_images else args.duration
 
 
@@ -200,7 +204,7 @@ def run_rounds(args: argparse.Namespace, model_name: str, contenders: list, gene
 
 def _meta(args: argparse.Namespace) -> dict:
     versions = {}
-    for package in ("onnxruntime", "torch", "fastapi", "uvicorn", "litserve", "numpy", "pillow"):
+    for package in ("onnxruntime", "openvino", "torch", "fastapi", "uvicorn", "litserve", "numpy", "pillow"):
         try:
             versions[package] = package_metadata.version(package)
         except package_metadata.PackageNotFoundError:

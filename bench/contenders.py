@@ -20,19 +20,35 @@ import numpy as np
 
 from .loadgen import HttpRequest, LoadGenerator, multipart_image, request_once
 from .v2_requests import bytes_request, pixels_request
-from .workload import BuiltModel, cores, preprocess, service_session
+from modelrepo.names import IMAGES, LOGITS
+
+from .workload import BuiltModel, cores, make_jpegs, preprocess, service_session
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
-KINDS = ("raw", "vitserve", "vitserve-nobatch", "v2", "v2-bytes", "naive", "litserve")
+KINDS = ("raw", "raw-openvino", "vitserve", "vitserve-nobatch", "v2", "v2-bytes", "naive", "litserve")
+OPENVINO_SETTING = "VITSERVE_RUNTIME"  # vitserve+runtime=openvino: the service on OpenVINO
+# Measured (ViT-Base, batch 4, 2 cores): OpenVINO runs the dynamic int8 graph at 0.87x onnxruntime fp32, its
+# DynamicQuantizeLinear and MatMulInteger run unfused; static int8 (QDQ) is its int8 graph.
+OPENVINO_VARIANTS = ("fp32", "int8-static")
 START_TIMEOUT_S = 180.0
 LITSERVE_MAX_BATCH_SIZE = 8
 # LitServe's batching docs and examples pair max_batch_size 8 with batch_timeout 0.05 s (its LitAPI docstring: 0.1).
 LITSERVE_BATCH_TIMEOUT_S = 0.05
 
 
+def is_raw(kind: str) -> bool:
+    """In-process runtimes on preprocessed tensors (the limits), as opposed to servers."""
+    return kind in ("raw", "raw-openvino")
+
+
 class Unavailable(Exception):
-    """A contender that cannot run on this machine; the message says why (and how to fix it)."""
+    """A contender that cannot run on this machine; the message says why (and how to fix it). `variant_only`: only
+    this variant of it is left out."""
+
+    def __init__(self, reason: str, variant_only: bool = False):
+        super().__init__(reason)
+        self.variant_only = variant_only
 
 
 SOURCE_SETTING = "source"  # vitserve+source=PATH: the server's code from another checkout (before/after a change)
@@ -63,8 +79,16 @@ def make_contender(kind: str, model: BuiltModel, variant: str, jpegs: list[bytes
                    raw_max_batch: int = 32, sweep_s: float = 0.5,
                    litserve_batch_timeout_s: float = LITSERVE_BATCH_TIMEOUT_S, device: str = "cpu"):
     base, settings = parse_kind(kind)
+    on_openvino = base == "raw-openvino" or settings.get(OPENVINO_SETTING) == "openvino"
+    if on_openvino:
+        _require("openvino", hint="pip install -e '.[openvino]'")
+        if variant not in OPENVINO_VARIANTS:
+            raise Unavailable(f"OpenVINO runs the {variant} graph slowly (its int8 graph is int8-static); not a contender",
+                              variant_only=True)
     if base == "raw":
         return RawOrt(model, variant, jpegs, max_batch=raw_max_batch, sweep_s=sweep_s, device=device)
+    if base == "raw-openvino":
+        return RawOpenVino(model, variant, jpegs, max_batch=raw_max_batch, sweep_s=sweep_s, device=device)
     gpu = ["--device", "cuda"] if device == "cuda" else []
     log = logs / f"{model.preset}-{variant}-{kind}.log".replace("/", "_").replace(" ", "_")
     vit_serve = [str(Path(sys.executable).with_name("vit-serve")), "--repo", str(model.repo), "--variant", variant,
@@ -125,10 +149,10 @@ class RawOrt:
         self.pixels = preprocess(self.jpegs, entry)
         decode_ms = _decode_cpu_ms(self.jpegs, entry, seconds=self.sweep_s)
         path = self.model.onnx_path(self.variant)
-        self.sessions = {1: service_session(path, device=self.device)}  # runners -> session
+        self.sessions = {1: self._open(path, threads=cores(), runners=1)}  # runners -> run(feeds)
         if cores() > 1 and self.device == "cpu":  # on a GPU one runner keeps it busy
-            self.sessions[cores()] = service_session(path, threads=1)
-        self.input_name = self.sessions[1].get_inputs()[0].name
+            self.sessions[cores()] = self._open(path, threads=1, runners=cores())
+        agreement = top1_agreement(self.model, self.sessions[1])
         sweep = {}
         for runners in self.sessions:
             for batch in (b for b in (1, 2, 4, 8, 16, 32, 64) if b <= self.max_batch):
@@ -139,7 +163,15 @@ class RawOrt:
         self.info = {"best_batch": self.best_batch, "best_runners": self.best_runners,
                      "sweep_images_per_s": sweep, "sweep_key": "runners x batch (1 runner: cores threads; "
                      "cores runners: 1 thread each, one shared session)",
-                     "decode_cpu_ms_per_image": decode_ms, "cores": cores(), "device": self.device}
+                     "decode_cpu_ms_per_image": decode_ms, "cores": cores(), "device": self.device,
+                     "top1_agreement_vs_ort_fp32": agreement, "runtime": self.runtime, "precision": self.precision}
+
+    runtime, precision = "onnxruntime", "f32"
+
+    def _open(self, path: Path, threads: int, runners: int):
+        """A function running one batch of feeds, for `runners` threads calling it at once with `threads` each."""
+        session = service_session(path, threads=threads if runners > 1 else None, device=self.device)
+        return lambda feeds: session.run(None, feeds)
 
     def wait_ready(self) -> None:
         pass
@@ -157,19 +189,19 @@ class RawOrt:
         }
 
     def _feeds(self, batch: int) -> dict:
-        return {self.input_name: self.pixels[np.arange(batch) % len(self.pixels)]}
+        return {IMAGES: self.pixels[np.arange(batch) % len(self.pixels)]}
 
     def _time(self, runners: int, batch: int, seconds: float, min_runs: int) -> tuple[int, float]:
         """Images done and wall seconds, with `runners` threads calling the session back to back."""
-        session, feeds = self.sessions[runners], self._feeds(batch)
-        session.run(None, feeds)  # first run of a shape allocates
+        run, feeds = self.sessions[runners], self._feeds(batch)
+        run(feeds)  # first run of a shape allocates
         counts = [0] * runners
         started = time.perf_counter()
         deadline = started + seconds
 
         def runner(index: int) -> None:
             while counts[index] < min_runs * batch or time.perf_counter() < deadline:
-                session.run(None, feeds)
+                run(feeds)
                 counts[index] += batch
 
         threads = [threading.Thread(target=runner, args=(i,)) for i in range(runners)]
@@ -180,17 +212,56 @@ class RawOrt:
         return sum(counts), time.perf_counter() - started
 
     def _latencies(self, seconds: float, min_runs: int) -> list[float]:
-        session, feeds = self.sessions[1], self._feeds(1)
-        session.run(None, feeds)
+        run, feeds = self.sessions[1], self._feeds(1)
+        run(feeds)
         times, deadline = [], time.perf_counter() + seconds
         while len(times) < min_runs or time.perf_counter() < deadline:
             started = time.perf_counter()
-            session.run(None, feeds)
+            run(feeds)
             times.append(time.perf_counter() - started)
         return times
 
     def stop(self) -> None:
         self.sessions = {}
+
+
+class RawOpenVino(RawOrt):
+    """OpenVINO in this process, as the service runs it (`service.runtimes.openvino`, precision auto: bf16 where the
+    CPU has it): the limit of `vitserve+runtime=openvino`. Same sweep and layouts as raw onnxruntime; the runners of the
+    one-thread layout each get their own stream."""
+
+    kind = "raw-openvino"
+    runtime = "openvino"
+
+    def _open(self, path: Path, threads: int, runners: int):
+        from service.runtimes.openvino import OpenVinoSession, resolve_precision
+
+        session = OpenVinoSession(path, threads=threads, streams=runners, precision=resolve_precision("auto"))
+        self.precision = session.precision
+        return session.run
+
+
+AGREEMENT_IMAGES = 64
+
+
+def top1_agreement(model: BuiltModel, run) -> float:
+    """Top-1 agreement of `run` with onnxruntime fp32 on AGREEMENT_IMAGES photo-like images other than the requests'
+    (the fp32 logits are computed once per model and cached beside its repository)."""
+    pixels = preprocess(make_jpegs(AGREEMENT_IMAGES, seed=1), model.entry)
+    reference = model.repo.parent / "fp32-top1.npy"
+    if not reference.is_file():
+        fp32 = service_session(model.onnx_path("fp32"))
+        np.save(reference, _top1(lambda feeds: fp32.run(None, feeds), pixels))
+    return float((_top1(run, pixels) == np.load(reference)).mean())
+
+
+def _top1(run, pixels: np.ndarray) -> np.ndarray:
+    tops = []
+    for start in range(0, len(pixels), 8):
+        outputs = run({IMAGES: pixels[start:start + 8]})
+        logits = outputs[LOGITS] if isinstance(outputs, dict) else outputs[0]
+        tops.append(np.asarray(logits).argmax(-1))
+    return np.concatenate(tops)
 
 
 def _decode_cpu_ms(jpegs: list[bytes], entry, seconds: float) -> float:

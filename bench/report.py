@@ -11,6 +11,12 @@ Key = tuple[str, str, str, int]  # model, variant, contender, concurrency
 # Below this many images per run, a count is coarse: a batching server completes images in bursts of up to its batch size.
 FEW_IMAGES = 80
 V2_CONTENDERS = ("v2", "v2-bytes")  # vit-serve over the Open Inference Protocol: pixels, encoded images
+RAW = ("raw", "raw-openvino")
+
+
+def raw_of(contender: str) -> str:
+    """The in-process limit a contender is measured against: raw OpenVINO for the service on OpenVINO, else raw ORT."""
+    return "raw-openvino" if contender == "raw-openvino" or "runtime=openvino" in contender else "raw"
 
 
 def _median(values: list) -> float | None:
@@ -84,15 +90,23 @@ def ratios(samples: list[dict], models: list[str], variants: list[str]) -> list[
                     paired(samples, f"{protocol} p50(c=1) - raw batch-1", model, 1, v2, ("raw", variant), "p50_ms", difference=True),
                     paired(samples, f"{protocol} p50(c=1) / vitserve p50", model, 1, v2, vs, "p50_ms"),
                 ]
-        # settings experiments (vitserve+name=value): against raw ORT and plain vitserve, same concurrency
+        # settings experiments (vitserve+name=value): against their raw runtime and plain vitserve, same concurrency
         experiments = sorted({s["contender"] for s in samples if s["model"] == model and "+" in s["contender"]})
         for variant in variants:
             for experiment in experiments:
+                raw = raw_of(experiment)
                 for concurrency in sorted({s["concurrency"] for s in samples if s["contender"] == experiment}):
                     wanted += [
-                        paired(samples, "experiment / raw ORT", model, concurrency, (experiment, variant), ("raw", variant)),
+                        paired(samples, f"experiment / {raw}", model, concurrency, (experiment, variant), (raw, variant)),
                         paired(samples, "experiment / vitserve", model, concurrency, (experiment, variant), ("vitserve", variant)),
                     ]
+                wanted.append(paired(samples, f"experiment p50(c=1) - {raw} batch-1", model, 1, (experiment, variant),
+                                     (raw, variant), "p50_ms", difference=True))
+        # runtimes and variants against the baseline everything is judged by: onnxruntime fp32, in-process
+        for contender in sorted({s["contender"] for s in samples if s["model"] == model}):
+            for variant in variants:
+                if (contender, variant) != ("raw", "fp32"):
+                    wanted.append(paired(samples, "x raw ORT fp32", model, 16, (contender, variant), ("raw", "fp32")))
         for faster in ("int8", "fp16"):
             if "fp32" in variants and faster in variants:
                 for contender in ("vitserve", "raw", "litserve", "naive"):
@@ -114,6 +128,8 @@ def physical_limits(samples: list[dict], raw_info: list[dict], cores: int) -> li
     paired by round."""
     rows = []
     for info in raw_info:
+        if info.get("contender", "raw") != "raw":
+            continue
         model, variant, device = info["model"], info["variant"], info.get("device", "cpu")
         raw = [s for s in samples if (s["model"], s["variant"], s["contender"]) == (model, variant, "raw")]
         if not raw:
@@ -160,6 +176,17 @@ def print_summary(results: dict) -> None:
         spread = ", ".join(fmt(v, 2) for v in r["per_round"])
         print(f"  {r['model']:<10} c={r['concurrency']:<3} {r['name']:<36} {r['a']:>18} vs {r['b']:<18} "
               f"{fmt(r['value'], 2):>7} {r['unit']}  [{spread}]")
+    table = speed_and_agreement(results)
+    if table:
+        print("\nruntimes and variants (c=16 img/s and x raw ORT fp32, service / its raw runtime on the same graph, "
+              "p50 at c=1 and its excess over that raw runtime's batch-1 latency, top-1 agreement with ORT fp32):")
+        print(f"  {'model':<9} {'contender':<28} {'variant':<12} {'prec':<5} {'img/s':>7} {'x fp32':>7} {'/ raw':>6} "
+              f"{'p50 c=1':>8} {'- raw':>6} {'agree':>6}")
+        for row in table:
+            print(f"  {row['model']:<9} {row['contender']:<28} {row['variant']:<12} {row['precision'] or '-':<5} "
+                  f"{fmt(row['images_per_s_c16']):>7} {fmt(row['x_raw_ort_fp32'], 2):>7} {fmt(row['over_own_raw_c16'], 2):>6} "
+                  f"{fmt(row['p50_c1_ms'], 2):>8} {fmt(row['p50_c1_minus_raw_batch1_ms'], 2):>6} "
+                  f"{fmt(row['top1_agreement'], 3):>6}")
     print("\nphysical limit (CPU per image = inference at the best runners x batch, x cores + decode/resize; shared over the cores):")
     for row in results["physical_limits"]:
         fractions = ", ".join(f"c={c}: {f:.2f}" for c, f in row["vitserve_fraction_of_limit"].items())
@@ -174,6 +201,36 @@ def print_summary(results: dict) -> None:
           f"CPU-us per request")
     for kind, reason in results["skipped"].items():
         print(f"skipped {kind}: {reason}")
+
+
+def speed_and_agreement(results: dict) -> list[dict]:
+    """Per model, one row per (contender, variant): images/s at c=16 and its paired ratio to raw onnxruntime fp32,
+    service / its own raw runtime on the same graph at c=16, p50 at c=1 and its paired excess over that raw runtime's
+    batch-1 latency, and top-1 agreement with onnxruntime fp32 (measured by the raw runtime on the same graph)."""
+    samples, rows = results["samples"], []
+    agreement = {(e["model"], e["contender"], e["variant"]): e.get("top1_agreement_vs_ort_fp32") for e in results["raw"]}
+    precision = {(e["model"], e["contender"], e["variant"]): e.get("precision") for e in results["raw"]}
+    pairs = sorted({(s["model"], s["contender"], s["variant"]) for s in samples},
+                   key=lambda k: (k[0], k[1] not in RAW, k[1], k[2]))
+    summary = {(r["model"], r["contender"], r["variant"], r["concurrency"]): r for r in results["summary"]}
+    for model, contender, variant in pairs:
+        raw = raw_of(contender)
+
+        def value(ratio):
+            return ratio["value"] if ratio else None
+
+        rows.append({
+            "model": model, "contender": contender, "variant": variant, "precision": precision.get((model, raw, variant)),
+            "images_per_s_c16": (summary.get((model, contender, variant, 16)) or {}).get("images_per_s"),
+            "x_raw_ort_fp32": 1.0 if (contender, variant) == ("raw", "fp32") else
+            value(paired(samples, "", model, 16, (contender, variant), ("raw", "fp32"))),
+            "over_own_raw_c16": None if contender in RAW else value(paired(samples, "", model, 16, (contender, variant), (raw, variant))),
+            "p50_c1_ms": (summary.get((model, contender, variant, 1)) or {}).get("p50_ms"),
+            "p50_c1_minus_raw_batch1_ms": None if contender in RAW else
+            value(paired(samples, "", model, 1, (contender, variant), (raw, variant), "p50_ms", difference=True)),
+            "top1_agreement": agreement.get((model, raw, variant)),
+        })
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ plotting
@@ -205,7 +262,7 @@ def plot(results: dict, path: Path) -> None:
                 continue
             xs = [r["concurrency"] for r in rows]
             style = dict(color=colours[contender], marker="o", label=contender)
-            if contender == "raw":
+            if contender in RAW:
                 style.update(linestyle="--", marker="s")
             row_axes[0].plot(xs, [r["images_per_s"] for r in rows], **style)
             row_axes[1].plot(xs, [r["p50_ms"] for r in rows], **style)
@@ -235,7 +292,8 @@ def plot(results: dict, path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ markdown
 
 def markdown(results: dict) -> str:
-    """README tables from a results file: per model and variant, images/s and p50/p99 per contender and concurrency."""
+    """README tables from a results file: per model and variant, images/s and p50/p99 per contender and concurrency;
+    then the runtimes and variants side by side with their agreement."""
     lines = []
     concurrencies = sorted({r["concurrency"] for r in results["summary"]})
     for model in results["meta"]["args"]["models"]:
@@ -253,6 +311,16 @@ def markdown(results: dict) -> str:
                         f"{fmt(cells[c]['images_per_s'])} ({fmt(cells[c]['p50_ms'], 0)} / {fmt(cells[c]['p99_ms'], 0)})"
                         if c in cells else "–" for c in concurrencies) + " |")
             lines.append("")
+    table = speed_and_agreement(results)
+    if table:
+        lines += ["| model | contender | variant | precision | img/s c=16 | x raw ORT fp32 | / own raw | p50 c=1 ms | "
+                  "p50 - raw batch-1 ms | top-1 agreement |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in table:
+            lines.append(f"| {row['model']} | {row['contender']} | {row['variant']} | {row['precision'] or '-'} | "
+                         f"{fmt(row['images_per_s_c16'])} | {fmt(row['x_raw_ort_fp32'], 2)} | {fmt(row['over_own_raw_c16'], 2)} | "
+                         f"{fmt(row['p50_c1_ms'], 1)} | {fmt(row['p50_c1_minus_raw_batch1_ms'], 1)} | "
+                         f"{fmt(row['top1_agreement'], 3)} |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """What every contender serves and receives: a random-weight classifier exported once into a cached model
-repository (fp32 + int8), 320x240 JPEG request bodies, and onnxruntime sessions built with the service's options.
+repository (fp32, dynamic and static int8), 320x240 JPEG request bodies, and onnxruntime sessions built with the
+service's options.
 
 torch and export/ are imported only when a model has to be built, so the servers and the load generator stay light."""
 from __future__ import annotations
@@ -49,16 +50,17 @@ def cores() -> int:
 
 
 def build_model(preset: str, cache: Path, log=print, fp16: bool = False) -> BuiltModel:
-    """Random weights (seed 0), `num_classes=1000`, the preset's own image size; exported with --int8 (and --fp16
-    for the GPU benchmark). Cached."""
+    """Random weights (seed 0), `num_classes=1000`, the preset's own image size; exported with --int8 --int8 static
+    (calibrated on the export's built-in synthetic images) and --fp16 for the GPU benchmark. Cached."""
     root = cache / f"{preset}-{NUM_CLASSES}{'-fp16' if fp16 else ''}"
     checkpoint, repo, done = root / "checkpoint.pt", root / "repo", root / "built.json"
-    if not done.is_file():
+    if not done.is_file() or "int8-static" not in json.loads(done.read_text()).get("variants", []):  # an older cache
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
         started = time.perf_counter()
         _export_random_classifier(preset, checkpoint, repo, fp16)
-        done.write_text(json.dumps({"preset": preset, "export_s": round(time.perf_counter() - started, 1)}) + "\n")
+        done.write_text(json.dumps({"preset": preset, "export_s": round(time.perf_counter() - started, 1),
+                                    "variants": ["fp32", "int8", "int8-static", *(["fp16"] if fp16 else [])]}) + "\n")
         log(f"{preset}: built and exported in {time.perf_counter() - started:.0f} s -> {repo}")
     [name] = model_names(repo)
     entry = newest_version(repo, name)
@@ -82,7 +84,7 @@ def _export_random_classifier(preset: str, checkpoint: Path, repo: Path, fp16: b
         spread = vit(torch.randn(4, 3, *vit.config.image_size)).std()
         vit.head.bias.copy_(torch.randn(NUM_CLASSES) * BIAS_SPREAD * spread)
     save_checkpoint(checkpoint, vit)
-    export_checkpoint(ExportRequest(checkpoint=checkpoint, repo=repo, name=preset, int8=True, fp16=fp16))
+    export_checkpoint(ExportRequest(checkpoint=checkpoint, repo=repo, name=preset, int8=True, int8_static=True, fp16=fp16))
 
 
 def make_jpegs(count: int = 16, seed: int = 0) -> list[bytes]:

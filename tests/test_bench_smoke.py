@@ -9,7 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ALWAYS = {"raw", "vitserve", "vitserve-nobatch", "v2", "v2-bytes"}  # need only what the project itself installs
-OPTIONAL = {"naive": ("torch", "fastapi"), "litserve": ("litserve",)}  # skipped, with a reason, without their packages
+OPTIONAL = {"naive": ("torch", "fastapi"), "litserve": ("litserve",),  # skipped, with a reason, without their packages
+            "raw-openvino": ("openvino",)}
 
 
 def test_smoke_benchmark_writes_json_and_png_with_every_contender(tmp_path):
@@ -48,6 +49,11 @@ def test_smoke_benchmark_writes_json_and_png_with_every_contender(tmp_path):
         assert output["name"] == "logits" and output["shape"] == [1, len(classify)]
         assert [int(entry.split(":")[1]) for entry in output["data"]] == classify, protocol
     assert all(limit["limit_images_per_s"] > 0 for limit in results["physical_limits"])
+    # every raw runtime measured its top-1 agreement with onnxruntime fp32; OpenVINO only on the graphs it runs well
+    agreements = {(entry["contender"], entry["variant"]): entry["top1_agreement_vs_ort_fp32"] for entry in results["raw"]}
+    assert agreements[("raw", "fp32")] == 1.0 and 0.9 <= agreements[("raw", "int8")] <= 1.0
+    if ("raw-openvino", "fp32") in agreements:
+        assert "raw-openvino/int8" in results["skipped"] and ("raw-openvino", "int8") not in agreements
     assert results["generator"]["ceiling"]["requests_per_s"] > 0
 
 
