@@ -51,6 +51,7 @@ class ModelSlot:
     """One model: the versions taking requests, and the status of every version it has had."""
     name: str
     served: dict[int, ServedModel] = field(default_factory=dict)
+    files: dict[int, Fingerprint] = field(default_factory=dict)  # of each served version, when it was loaded
     status: dict[int, VersionStatus] = field(default_factory=dict)
     problem: str | None = None  # why it serves nothing, or why its policy cannot be read
     # Counts for readiness: found by the first scan, or has served since. A model that appears later and fails to
@@ -62,17 +63,20 @@ class ModelSlot:
 
 
 class ModelControl:
-    def __init__(self, settings: Settings, metrics: Metrics, start: Starter, stop: Stopper) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, start: Starter, stop: Stopper,
+                 draining: Callable[[], bool] = lambda: False) -> None:
         self.settings, self.metrics = settings, metrics
-        self._start, self._stop = start, stop
+        self._start, self._stop, self._draining = start, stop, draining
         self.slots: dict[str, ModelSlot] = {}
         self.repository_problem: str | None = None
         self.missing: list[str] = []  # poll and explicit modes: models named by --models that the repository lacks
         self.started = False  # the first scan is done
-        # explicit mode: the models the API (or --models at start) asked for; otherwise every model found (or --models)
-        self._explicit: set[str] = set(settings.models)
+        # explicit mode: the models loaded at start (--models, or every model); later only load and unload change them
+        self._initial: set[str] = set(settings.models)
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
+        self._leaving: dict[tuple[str, int], str] = {}  # versions out of routing whose requests are finishing: why
+        self._warned_pins: set[str] = set()
         self._poller: asyncio.Task | None = None
 
     @property
@@ -128,8 +132,8 @@ class ModelControl:
 
     async def start(self) -> None:
         """The first scan (every mode), then the poll loop in poll mode."""
-        if self.mode == "explicit" and not self._explicit:
-            self._explicit = set(model_names(self.settings.repo))
+        if self.mode == "explicit" and not self._initial:
+            self._initial = set(model_names(self.settings.repo))
         try:
             await self.reconcile()
         finally:
@@ -159,28 +163,32 @@ class ModelControl:
     # ---- the repository API (explicit mode) -----------------------------------------------------
 
     async def load(self, name: str) -> None:
-        """Load `name` (or bring it up to date with the repository) and keep it loaded."""
+        """Load `name`, or bring it up to date with the repository; versions that failed are tried again."""
         self._check_explicit("load")
         if name not in model_names(self.settings.repo):
             raise NotFound(f"no model '{name}' in the repository {self.settings.repo}")
-        self._explicit.add(name)
         async with self._lock:
+            slot = self.slots.get(name)
+            if slot is not None:  # an explicit load retries: the cause may not have been the files (memory, a GPU)
+                for status in slot.status.values():
+                    status.failed = None
             await self._reconcile_model(name)
             slot = self.slots[name]
         if not slot.served:
             raise LoadFailed(f"failed to load '{name}': {slot.problem}")
 
     async def unload(self, name: str) -> None:
-        """Stop serving `name`: its requests in flight finish first."""
+        """Stop serving `name`: its requests in flight finish first; answered once its versions are stopped."""
         self._check_explicit("unload")
-        if name not in self.slots and name not in model_names(self.settings.repo):
-            raise NotFound(f"no model '{name}' is loaded or in the repository {self.settings.repo}")
-        self._explicit.discard(name)
         async with self._lock:
+            if name not in self.slots and name not in model_names(self.settings.repo):
+                raise NotFound(f"no model '{name}' is loaded or in the repository {self.settings.repo}")
             slot = self.slots.pop(name, None)
-            if slot is not None:
-                retiring = [self._retire(slot, version, "unloaded") for version in list(slot.served)]
-                await asyncio.gather(*retiring)
+            retiring = [self._retire(slot, version, "unloaded") for version in list(slot.served)] if slot else []
+        # Outside the lock (other loads need not wait for this drain), and shielded: a caller that gives up (a gRPC
+        # deadline) must not cancel the retirement half-way, which would leave the sessions held for good.
+        if retiring:
+            await asyncio.shield(asyncio.gather(*retiring))
 
     def _check_explicit(self, action: str) -> None:
         if self.mode != "explicit":
@@ -191,7 +199,10 @@ class ModelControl:
 
     async def reconcile(self) -> None:
         """Bring every wanted model in step with the repository; retire the models no longer wanted."""
+        if self._draining():  # the cores belong to the requests being finished
+            return
         async with self._lock:
+            self.metrics.repository_scans.inc()
             names = self._wanted_names()
             if names is None:
                 return
@@ -200,13 +211,14 @@ class ModelControl:
             for name in [n for n in self.slots if n not in names]:
                 slot = self.slots.pop(name)
                 for version in list(slot.served):
-                    self._retire(slot, version, "its model directory is gone" if self.mode != "explicit" else "unloaded")
+                    self._retire(slot, version, "its model directory is gone")
 
     def _wanted_names(self) -> list[str] | None:
         """The models to serve, or None (with the reason kept) when the repository cannot be served."""
         repo = self.settings.repo
         available = model_names(repo)
-        wanted = sorted(self._explicit) if self.mode == "explicit" else (self.settings.models or available)
+        wanted = (sorted(self._initial if not self.started else self.slots) if self.mode == "explicit"
+                  else self.settings.models or available)
         missing = [name for name in wanted if name not in available]
         unknown_pins = [name for name in self.settings.pin_versions if name not in wanted]
         if self.mode != "explicit" and not available:
@@ -219,6 +231,9 @@ class ModelControl:
         else:
             self.repository_problem = None
         self.missing = missing if self.mode != "none" else []
+        for name in set(unknown_pins) - self._warned_pins if self.mode != "none" else ():
+            log.warning("--pin-versions names %s, which is not served (not in the repository, or not in --models)", name)
+            self._warned_pins.add(name)
         if self.repository_problem and self.mode == "none":
             log.error("cannot serve the repository: %s", self.repository_problem)
             return None
@@ -240,6 +255,9 @@ class ModelControl:
             return
         repo = self.settings.repo
         on_disk = versions(repo, name)
+        for version in [v for v in slot.served if v in on_disk]:  # files replaced in place: load them again
+            if fingerprint(repo / name / str(version)) != slot.files[version]:
+                await self._load_version(slot, version)
         failed = {v for v in on_disk if (s := slot.status.get(v)) is not None and s.failed is not None
                   and s.failed == fingerprint(repo / name / str(v))}
         while True:  # load the chosen versions, newest first; a failure lets the policy choose among the others
@@ -252,12 +270,17 @@ class ModelControl:
         keep = [v for v in chosen if v in slot.served]
         if not keep:  # nothing chosen could load: what serves now keeps serving, while its files are there
             keep = [v for v in slot.served if v in on_disk]
+        left_aside = f"not chosen by the version policy ({policy.describe()})"
         for version in [v for v in slot.served if v not in keep]:
-            reason = "its directory is gone" if version not in on_disk else f"not chosen by the version policy ({policy.describe()})"
-            self._retire(slot, version, reason)
-        for version in on_disk:  # versions on disk that the policy leaves aside, for the index
-            if version not in slot.served and version not in slot.status:
-                slot.status[version] = VersionStatus("UNAVAILABLE", f"not chosen by the version policy ({policy.describe()})")
+            self._retire(slot, version, "its directory is gone" if version not in on_disk else left_aside)
+        for version in list(slot.status):  # the index tells what is on disk, with today's policy
+            status = slot.status[version]
+            if version not in on_disk:
+                del slot.status[version]
+            elif version not in slot.served and status.failed is None and status.state == "UNAVAILABLE":
+                status.reason = left_aside
+        for version in on_disk:
+            slot.status.setdefault(version, VersionStatus("UNAVAILABLE", left_aside))
         slot.problem = None if slot.served else self._why_nothing_serves(slot, policy, on_disk)
 
     def _why_nothing_serves(self, slot: ModelSlot, policy: VersionPolicy, on_disk: list[int]) -> str:
@@ -270,22 +293,37 @@ class ModelControl:
         return f"the version policy ({policy.describe()}) chooses none of its versions ({', '.join(map(str, on_disk))})"
 
     async def _load_version(self, slot: ModelSlot, version: int) -> bool:
+        """Load `version` and route to it; one already served (its files changed) is replaced once the new one is
+        ready. False when it failed (the reason is kept, the server keeps serving what it served)."""
         name, path = slot.name, self.settings.repo / slot.name / str(version)
         files = fingerprint(path)
-        slot.status[version] = VersionStatus("LOADING")
+        replacing = slot.served.get(version)
+        if replacing is None:
+            slot.status[version] = VersionStatus("LOADING")
         started = time.perf_counter()
         try:
             served = await self._start(read_version(self.settings.repo, name, version))
+        except asyncio.CancelledError:  # shutting down mid-load
+            if replacing is None:
+                slot.status[version] = VersionStatus("UNAVAILABLE", "loading was cancelled")
+            raise
         except Exception as error:  # noqa: BLE001 - any failure is this version's reason, the server keeps serving
-            reason = f"failed to load: {error or type(error).__name__}"
-            slot.status[version] = VersionStatus("UNAVAILABLE", reason, failed=files)
+            reason = f"failed to load: {str(error) or type(error).__name__}"
             self.metrics.model_loads.labels(name, "failure").inc()
+            if replacing is not None:  # the files in place changed and do not load: the loaded copy keeps serving
+                slot.files[version] = files  # tried again when they change again
+                slot.status[version] = VersionStatus("READY", f"its files changed and {reason}; serving the copy "
+                                                              f"loaded before")
+            else:
+                slot.status[version] = VersionStatus("UNAVAILABLE", reason, failed=files)
             still = f"; still serving version {max(slot.served)}" if slot.served else ""
             log.error("model %s version %d %s%s", name, version, reason, still)
             return False
         self.metrics.model_loads.labels(name, "success").inc()
         self.metrics.model_load_seconds.labels(name).observe(time.perf_counter() - started)
-        slot.served[version] = served
+        if replacing is not None:
+            self._retire(slot, version, "its files changed: replaced by a fresh load")
+        slot.served[version], slot.files[version] = served, files
         slot.status[version] = VersionStatus("READY")
         slot.required = True
         self._show_served(slot)
@@ -298,7 +336,9 @@ class ModelControl:
     def _retire(self, slot: ModelSlot, version: int, reason: str) -> asyncio.Task:
         """Take `version` out of routing now; stop it in the background once its requests have their answers."""
         served = slot.served.pop(version)
-        slot.status[version] = VersionStatus("UNLOADING", reason)
+        slot.files.pop(version, None)
+        self._leaving[(slot.name, version)] = reason
+        slot.status[version] = VersionStatus("UNAVAILABLE", reason)
         self._show_served(slot)
         log.info("model %s version %d leaves service (%s)%s", slot.name, version, reason,
                  f"; serving version {max(slot.served)}" if slot.served else "")
@@ -307,8 +347,7 @@ class ModelControl:
             try:
                 await self._stop(served)
             finally:
-                if slot.status.get(version) is not None and slot.status[version].state == "UNLOADING":
-                    slot.status[version] = VersionStatus("UNAVAILABLE", reason)
+                self._leaving.pop((slot.name, version), None)
                 self.metrics.model_unloads.labels(slot.name).inc()
                 log.info("model %s version %d unloaded", slot.name, version)
 
@@ -330,18 +369,24 @@ class ModelControl:
     # ---- the repository index --------------------------------------------------------------------
 
     def index(self, ready_only: bool = False) -> list[dict]:
-        """Every version in the repository and every version still held, with its state and reason (Triton's
-        repository index)."""
+        """Every version in the repository and every version still finishing its requests, with its state and reason
+        (Triton's repository index)."""
         repo = self.settings.repo
+        leaving = {}
+        for (name, version), reason in self._leaving.items():
+            leaving.setdefault(name, {})[version] = VersionStatus("UNLOADING", reason)
         rows = []
-        for name in sorted(set(model_names(repo)) | set(self.slots)):
+        for name in sorted(set(model_names(repo)) | set(self.slots) | set(leaving)):
             slot = self.slots.get(name)
-            known = slot.status if slot else {}
+            known = {**(slot.status if slot else {}), **leaving.get(name, {})}
             for version in sorted(set(versions(repo, name)) | set(known)):
-                status = known.get(version) or VersionStatus("UNAVAILABLE", "unloaded" if slot is None else
-                                                             "not looked at yet: new since the last scan")
                 if slot is not None and version in slot.served:
-                    status = VersionStatus("READY")
+                    status = slot.status.get(version) or VersionStatus("READY")
+                    if version in leaving.get(name, {}):  # a fresh load of it serves while the old copy finishes
+                        status = VersionStatus("READY", status.reason)
+                else:
+                    status = known.get(version) or VersionStatus("UNAVAILABLE", "unloaded" if slot is None else
+                                                                 "not looked at yet: new since the last scan")
                 if ready_only and status.state != "READY":
                     continue
                 rows.append({"name": name, "version": str(version), "state": status.state, "reason": status.reason})

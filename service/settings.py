@@ -155,6 +155,13 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _explicit_control_needs_one_process(self) -> "Settings":
+        if self.model_control == "explicit" and self.workers > 1:  # a load would reach one worker of N
+            raise ValueError("--model-control explicit needs --workers 1: a load or unload request reaches only one "
+                             "worker process; scale with replicas (or use poll mode, in which every worker rescans)")
+        return self
+
+    @model_validator(mode="after")
     def _a_request_must_fit_the_queue(self) -> "Settings":
         if self.max_images_per_request > self.max_queue_images:
             raise ValueError(f"max_images_per_request ({self.max_images_per_request}) must not exceed max_queue_images "

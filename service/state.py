@@ -33,7 +33,8 @@ class ServiceState:
     def __post_init__(self) -> None:
         self.control = ModelControl(self.settings, self.metrics,
                                     start=functools.partial(start_version, self.settings, self.metrics),
-                                    stop=functools.partial(stop_version, timeout_s=self.settings.drain_timeout_s))
+                                    stop=functools.partial(stop_version, timeout_s=self.settings.drain_timeout_s),
+                                    draining=lambda: self.draining)
 
     @property
     def models(self) -> dict[str, ServedModel]:

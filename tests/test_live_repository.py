@@ -4,6 +4,8 @@ repository API (Triton's shape, driven by the real tritonclient) loads and unloa
 serves."""
 from __future__ import annotations
 
+import base64
+import itertools
 import json
 import re
 import shutil
@@ -77,10 +79,19 @@ class RequestStream:
             thread.join(timeout=30)
 
     def _loop(self) -> None:
+        """Alternates the vitserve API and the Open Inference Protocol: a swap must fail neither."""
+        v2_body = {"inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES",
+                               "data": [base64.b64encode(self._image[0]).decode()]}]}
         with httpx.Client(base_url=self.url, timeout=30) as client:
-            while not self._stop.is_set():
-                response = client.post("/classify", params={"model": self.model}, files=files(self._image))
-                version = response.json().get("version") if response.status_code == 200 else None
+            for turn in itertools.count():
+                if self._stop.is_set():
+                    return
+                if turn % 2:
+                    response = client.post(f"/v2/models/{self.model}/infer", json=v2_body)
+                    version = int(response.json()["model_version"]) if response.status_code == 200 else None
+                else:
+                    response = client.post("/classify", params={"model": self.model}, files=files(self._image))
+                    version = response.json().get("version") if response.status_code == 200 else None
                 self.answers.append((response.status_code, version))
 
     def wait_for_version(self, version: int, timeout: float = 60) -> float:
@@ -105,7 +116,8 @@ def index(server: Server, **headers) -> dict[tuple[str, int], dict]:
 def metric(server: Server, name: str, **labels) -> float | None:
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    match = re.search(rf"^{name}\{{{re.escape(wanted)}\}} (\S+)$", text, re.MULTILINE)
+    series = f"{name}{{{wanted}}}" if labels else name
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else None
 
 
@@ -143,10 +155,14 @@ def test_a_new_export_is_served_while_requests_stream_without_one_failure(repo, 
 def test_a_broken_version_never_replaces_the_working_one_and_is_retried_when_its_files_change(repo):
     server = Server(repo, model_control="poll", repository_poll_s=str(POLL_S))
     try:
-        broken = repo / "shapes" / "2"  # as a copy by another tool looks halfway: metadata there, the graph truncated
-        broken.mkdir()
-        shutil.copy(repo / "shapes" / "1" / "vitserve.json", broken)
-        (broken / "model.onnx").write_bytes((repo / "shapes" / "1" / "model.onnx").read_bytes()[:1000])
+        # as a copy by another tool looks halfway: metadata there, the graph truncated (renamed in whole, so that the
+        # test does not depend on when the polls fall)
+        staging = repo / ".incoming"
+        staging.mkdir()
+        shutil.copy(repo / "shapes" / "1" / "vitserve.json", staging)
+        (staging / "model.onnx").write_bytes((repo / "shapes" / "1" / "model.onnx").read_bytes()[:1000])
+        broken = repo / "shapes" / "2"
+        staging.rename(broken)
         server.wait_until(lambda: index(server)[("shapes", 2)]["reason"].startswith("failed"))
         reason = index(server)[("shapes", 2)]["reason"]
         assert reason.startswith("failed to load:"), reason
@@ -159,12 +175,22 @@ def test_a_broken_version_never_replaces_the_working_one_and_is_retried_when_its
         assert metric(server, "vitserve_model_loads_total", model="shapes", outcome="failure") == 1.0
         assert "model shapes version 2 failed to load" in server.output() and "still serving version 1" in server.output()
 
-        time.sleep(4 * POLL_S)  # unchanged files are not tried again
-        assert metric(server, "vitserve_model_loads_total", model="shapes", outcome="failure") == 1.0
+        scans = metric(server, "vitserve_repository_scans_total")
+        server.wait_until(lambda: metric(server, "vitserve_repository_scans_total") >= scans + 3)
+        assert metric(server, "vitserve_model_loads_total", model="shapes", outcome="failure") == 1.0, \
+            "unchanged files are not tried again"
 
         shutil.copy(repo / "shapes" / "1" / "model.onnx", broken)  # the copy completes
         server.wait_until(lambda: classify(server, model="shapes").json()["version"] == 2)
         assert index(server)[("shapes", 2)]["state"] == "READY"
+
+        # a served version whose files are replaced in place is loaded again, then the old copy is let go
+        replacement = repo / "replacement.onnx"
+        shutil.copy(broken / "model.onnx", replacement)
+        replacement.replace(broken / "model.onnx")
+        server.wait_until(lambda: metric(server, "vitserve_model_loads_total", model="shapes", outcome="success") == 3.0)
+        server.wait_until(lambda: metric(server, "vitserve_model_unloads_total", model="shapes") == 2.0)
+        assert classify(server, model="shapes").json()["version"] == 2
     finally:
         assert server.stop() == 0
 
@@ -172,15 +198,17 @@ def test_a_broken_version_never_replaces_the_working_one_and_is_retried_when_its
 def test_a_new_model_directory_is_served_and_a_removed_one_leaves(repo):
     server = Server(repo, model_control="poll", repository_poll_s=str(POLL_S))
     try:
-        shutil.copytree(repo / "shapes", repo / "copied")
+        shutil.copytree(repo / "shapes", repo / ".copying")
+        (repo / ".copying").rename(repo / "copied")  # hidden directories are not models: only the rename counts
         server.wait_until(lambda: classify(server, model="copied").status_code == 200)
         shutil.rmtree(repo / "copied")
         server.wait_until(lambda: classify(server, model="copied").status_code == 404)
         assert httpx.get(f"{server.url}/readyz").status_code == 200
 
         # a new model that does not load is reported, but does not take the server out of service
-        shutil.copytree(repo / "shapes", repo / "broken")
-        (repo / "broken" / "1" / "model.onnx").write_bytes(b"not a graph")
+        shutil.copytree(repo / "shapes", repo / ".copying")
+        (repo / ".copying" / "1" / "model.onnx").write_bytes(b"not a graph")
+        (repo / ".copying").rename(repo / "broken")
         server.wait_until(lambda: index(server)[("broken", 1)]["reason"].startswith("failed to load"))
         assert httpx.get(f"{server.url}/readyz").status_code == 200
         unavailable = httpx.get(f"{server.url}/models").json()["unavailable"]
@@ -205,7 +233,7 @@ def test_tritonclient_loads_and_unloads_in_explicit_mode(repo):
         with RequestStream(server.url, "other") as stream:  # unloading waits for the requests routed to it
             stream.wait_for_version(1)
             client.unload_model("other")
-            time.sleep(0.3)
+            server.wait_until(lambda: 404 in stream.statuses(), timeout=30)
         assert not client.is_model_ready("other")
         # routed before the unload: answered; after: 404 (never a 503 or 500 from a half-stopped model)
         assert set(stream.statuses()) == {200, 404}, stream.statuses()
@@ -273,8 +301,6 @@ def test_a_version_policy_serves_several_versions_and_requests_may_name_one(repo
 
 
 def _base64(data: bytes) -> str:
-    import base64
-
     return base64.b64encode(data).decode()
 
 

@@ -37,18 +37,20 @@ def served_model(state: ServiceState, name: str, version: str | None) -> ServedM
     """The served model `name`, at `version` or its newest; 404 for another name or a version not served."""
     if state.draining:
         raise NotReady("the server is shutting down")
-    if version is not None and not version.isdigit():
+    if version is not None and not (version.isascii() and version.isdigit()):
         raise NotFound(f"model '{name}' has no version '{version}': versions are numbers")
     return state.control.version(name, int(version) if version is not None else None)
 
 
 async def serve_infer(request: Request, state: ServiceState, name: str, version: str | None) -> Response:
-    with served_model(state, name, version).lease() as model:  # held until answered: a swap waits for it
-        return await _serve_infer(request, state, model)
-
-
-async def _serve_infer(request: Request, state: ServiceState, model: ServedModel) -> Response:
+    served_model(state, name, version)  # an unknown model is refused before its body is read
     body = decoded_body(await request.body(), request.headers.get("content-encoding"), state.settings.max_body_bytes)
+    # Leased once the body is in (as the task routes do): a slow upload must not hold a version that is being replaced.
+    with served_model(state, name, version).lease() as model:
+        return await _serve_infer(request, state, model, body)
+
+
+async def _serve_infer(request: Request, state: ServiceState, model: ServedModel, body: bytes) -> Response:
     header_length = request.headers.get(HEADER_LENGTH)
     header, binary = split_body(body, header_length)
     has_binary_part = header_length is not None
