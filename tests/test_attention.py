@@ -179,3 +179,19 @@ def test_a_repository_exported_before_the_maps_keeps_serving_and_refuses_them_cl
         error = assert_error(refused, 422, "invalid_parameter")
         assert "exported without attention maps" in error["message"] and "'legacy'" in error["message"]
     assert httpx.get(f"{legacy_server.url}/readyz").status_code == 200
+
+
+def test_openvino_answers_the_same_maps(serving_repo, server):
+    """The attention graph opens in the runtime the server runs (--runtime openvino: OpenVINO, f32)."""
+    pytest.importorskip("openvino")
+    images = files([photo(), shapes(1)[0]])
+    expected = httpx.post(f"{server.url}/classify", files=images, params={"attention": "true"}, timeout=30).json()
+    openvino = Server(serving_repo, runtime="openvino", precision="f32", models='["shapes"]')
+    try:
+        assert httpx.get(f"{openvino.url}/models").json()["models"][0]["runtime"] == "openvino"
+        answer = httpx.post(f"{openvino.url}/classify", files=images, params={"attention": "true"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        for mine, reference in zip(answer.json()["results"], expected["results"]):
+            np.testing.assert_allclose(np.array(mine["attention"]), np.array(reference["attention"]), atol=1e-4)
+    finally:
+        openvino.stop()

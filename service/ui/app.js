@@ -395,7 +395,9 @@ async function embed(form) {
     ...vectors.map((column) => {
       const similarity = cosine(row, column);
       const cell = el("td", { text: similarity.toFixed(3) });
-      cell.style.backgroundColor = `hsl(${Math.round(220 - 190 * Math.max(similarity, 0))}, 70%, ${Math.round(92 - 32 * Math.max(similarity, 0))}%)`;
+      const strength = Math.max(similarity, 0);  // 0 (or below): pale, 1: deep blue
+      cell.style.backgroundColor = `hsl(222, 65%, ${Math.round(96 - 56 * strength)}%)`;
+      if (strength > 0.6) cell.classList.add("strong");
       return cell;
     }),
   ]));
