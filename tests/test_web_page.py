@@ -6,6 +6,7 @@ an API key kept in the page only. Screenshots go to test-artefacts/web-page/ (VI
 VITSERVE_PAGE_REPO=models runs it against another repository (the README's screenshots: the demo models)."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -167,6 +168,24 @@ def test_a_real_photo_gets_labels_with_score_bars(browser, server, uploads):
     assert widths == sorted(widths, reverse=True) and widths[0] > 0  # bars as long as the scores, highest first
     assert console_problems(browser) == []
     screenshot(find(browser, "body"), "classify.png")
+
+
+def test_dropped_files_are_added_like_chosen_ones(browser, server, uploads):
+    """A drop of two files on the drop zone (a DataTransfer holding real PNG bytes, as a drag from the desktop makes)."""
+    open_page(browser, server.url + PAGE_URL)
+    payload = base64.b64encode(uploads["circle.png"].read_bytes()).decode()
+    browser.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        for (const name of ["dropped-1.png", "dropped-2.png"]) transfer.items.add(new File([bytes], name, {type: "image/png"}));
+        document.querySelector("#drop-zone").dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+    """, payload)
+    wait(browser, lambda d: len(find_all(d, "#thumbnails li")) == 2)
+    run_tab(browser, "classify")
+    wait(browser, lambda d: len(find_all(d, "#classify-results .card")) == 2)
+    names = [caption.text for caption in find_all(browser, "#classify-results .source figcaption")]
+    assert names == ["dropped-1.png", "dropped-2.png"]
+    assert console_problems(browser) == []
 
 
 def test_the_attention_map_is_shown_over_the_photo(browser, server, uploads):
