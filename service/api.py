@@ -14,7 +14,7 @@ from .docs import DOC_PATHS, install_docs
 from .errors import BadRequest, InvalidParameter, MethodNotAllowed, NotFound, ServiceError
 from .inference import serve_task
 from .metrics import Metrics
-from .middleware import ApiKeyMiddleware, RequestContextMiddleware
+from .middleware import ApiKeyMiddleware, OverloadShedding, RequestContextMiddleware
 from .openapi import METRICS_RESPONSE, PNG_RESPONSE, install_openapi, task_operation
 from .runtime import RuntimeStartError, cuda_available
 from .settings import Settings
@@ -53,6 +53,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="vitserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Vision Transformer inference: classification, embeddings and MAE reconstruction.")
     app.state.service = state
+    app.add_middleware(OverloadShedding, state=state, task_paths={f"/{task}": task for task in HANDLERS})
     if settings.api_key is not None:  # added first: runs inside the request context (counted, logged, X-Request-ID)
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=OPEN_PATHS)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)

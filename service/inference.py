@@ -7,7 +7,7 @@ import functools
 from fastapi import Request
 from fastapi.responses import Response
 
-from .errors import ServiceError
+from .errors import Overloaded, ServiceError
 from .images import decode_base64_image, prepare_image, prepare_image_with_source
 from .request_parsing import read_request
 from .state import ServedModel, ServiceState
@@ -15,7 +15,6 @@ from .tasks import PreparedImage, TaskHandler
 
 
 async def serve_task(request: Request, state: ServiceState, handler: TaskHandler) -> Response:
-    refuse_before_reading(request, state, handler.task)
     images, params = await read_request(request, state.settings.max_images_per_request, handler.params_type)
     media_type = handler.media_type(request.headers.get("accept", ""), len(images))
     with state.model_for(handler.task, params.model, params.version).lease() as model:  # held until answered
@@ -31,19 +30,20 @@ async def serve_task(request: Request, state: ServiceState, handler: TaskHandler
         return handler.respond(model, params, prepared, outputs, media_type)
 
 
-def refuse_before_reading(request: Request, state: ServiceState, task: str) -> None:
+def refusal_before_reading(state: ServiceState, task: str, name: str | None, *, arrived: float) -> Overloaded | None:
     """Under overload most requests are refused, and reading and parsing a body is most of what a refusal would
-    cost: refuse before that when the model is known without the body (named in the query string, or the task's
-    only model) and would refuse a single image even with the server's longest deadline. Anything else is decided
-    after the body is read, with the request's own parameters."""
-    name = request.query_params.get("model")
+    cost: the refusal of a request for `task` (and model `name`, when the query string names one) before that, when
+    the model is known without the body (named, or the task's only model) and would refuse a single image even with
+    the server's longest deadline. None: decided after the body is read, with the request's own parameters."""
     if name is None and sum(model.metadata.task == task for model in state.models.values()) != 1:
-        return  # the body may name the model
+        return None  # the body may name the model
     try:
-        model = state.model_for(task, name)
+        state.model_for(task, name).batcher.check_capacity(1, request_deadline(state, None, arrived=arrived))
+    except Overloaded as refusal:
+        return refusal
     except ServiceError:
-        return  # answered after the body is read, as without overload
-    model.batcher.check_capacity(1, request_deadline(state, None, arrived=request.scope["state"]["arrived"]))
+        return None  # answered after the body is read, as without overload
+    return None
 
 
 async def prepare_images(state: ServiceState, model: ServedModel, images: list[bytes | str],

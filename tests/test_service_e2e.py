@@ -262,6 +262,7 @@ def test_a_request_that_would_wait_past_the_queue_time_bound_is_refused_at_once(
             assert int(refused.headers["retry-after"]) >= 1
         metrics = httpx.get(f"{srv.url}/metrics").text
         assert 'vitserve_rejections_total{model="shapes",reason="queue_delay"}' in metrics
+        assert 'vitserve_requests_total{method="POST",route="/classify",status="503"}' in metrics  # also those refused unread
         assert httpx.get(f"{srv.url}/healthz").status_code == 200
     finally:
         assert srv.stop() == 0
