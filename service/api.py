@@ -53,6 +53,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="vitserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Vision Transformer inference: classification, embeddings and MAE reconstruction.")
     app.state.service = state
+    metrics.ready.set_function(lambda: 1.0 if state.ready else 0.0)  # read at each scrape
     app.add_middleware(OverloadShedding, state=state, task_paths={f"/{task}": task for task in HANDLERS})
     if settings.api_key is not None:  # added first: runs inside the request context (counted, logged, X-Request-ID)
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=OPEN_PATHS)

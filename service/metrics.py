@@ -26,6 +26,7 @@ class Metrics:
         self.model_unloads = Counter("vitserve_model_unloads_total", "Model versions stopped (replaced, unloaded or removed)", ["model"], registry=r)
         self.model_load_seconds = Histogram("vitserve_model_load_seconds", "From reading a version's files to taking traffic", ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.repository_scans = Counter("vitserve_repository_scans_total", "Scans of the model repository (at start, and each poll)", registry=r)
+        self.ready = Gauge("vitserve_ready", "1 while /readyz answers 200 (models loaded, not draining), else 0", registry=r)
         self._info_series: dict[str, list[tuple[str, ...]]] = {}
 
     def show_models(self, name: str, served: list) -> None:
