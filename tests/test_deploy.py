@@ -5,6 +5,8 @@ needed (that is tests/container, `make docker-test`)."""
 import copy
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "docker" / "k8s"
+QUEUE_DELAY = ROOT / "docker" / "k8s-queue-delay"  # the overlay that autoscales on queue delay
 KSERVE_GROUP = "serving.kserve.io/"
 KSERVE_MANIFEST = "kserve-inferenceservice.yaml"
 
@@ -214,6 +217,56 @@ def test_the_service_and_autoscaler_target_the_deployment():
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+def _apply_json_patch(doc: dict, operation: dict) -> None:
+    """The JSON Patch operations the overlay uses (replace, add on an object member), as kustomize applies them."""
+    assert operation["op"] in ("replace", "add"), operation
+    *parents, last = operation["path"].strip("/").split("/")
+    node = doc
+    for key in parents:
+        node = node[key]
+    assert operation["op"] == "add" or last in node, f"replace of a missing {operation['path']}"
+    node[last] = operation["value"]
+
+
+def _queue_delay_overlay() -> list[dict]:
+    """docker/k8s-queue-delay rendered as kustomize renders it: the base's manifests with its patches applied."""
+    kustomization = yaml.safe_load((QUEUE_DELAY / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../k8s"]
+    docs = [copy.deepcopy(doc) for _, doc in _k8s_documents() if not _is_kserve(doc)]
+    for patch in kustomization["patches"]:
+        target = patch["target"]
+        [doc] = [d for d in docs if d["kind"] == target["kind"] and d["metadata"]["name"] == target["name"]
+                 and d["apiVersion"] == f"{target['group']}/{target['version']}"]
+        for operation in yaml.safe_load((QUEUE_DELAY / patch["path"]).read_text()):
+            _apply_json_patch(doc, operation)
+    return docs
+
+
+def adapter_rules() -> list[dict]:
+    return yaml.safe_load((QUEUE_DELAY / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+
+
+def test_the_queue_delay_overlay_scales_on_the_metric_the_adapter_serves():
+    docs = _queue_delay_overlay()
+    for doc in docs:
+        problem = _kubernetes_problem(doc)
+        assert problem is None, problem
+    [hpa] = [doc for doc in docs if doc["kind"] == "HorizontalPodAutoscaler"]
+    [metric] = hpa["spec"]["metrics"]  # the queue delay alone: two HPAs, or CPU beside it, would fight over replicas
+    assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
+    [rule] = adapter_rules()
+    assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
+    series = re.search(r"^(\w+)\{", rule["seriesQuery"]).group(1)
+    assert re.fullmatch(rule["name"]["matches"], series) and series in _exported_sample_names()
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    assert rule["metricsQuery"].count("<<.LabelMatchers>>") == 2 and "by (<<.GroupBy>>)" in rule["metricsQuery"]
+    if shutil.which("kubectl"):  # where kubectl is installed, its kustomize renders the same manifests
+        rendered = subprocess.run(["kubectl", "kustomize", str(QUEUE_DELAY)], capture_output=True, text=True, timeout=60)
+        assert rendered.returncode == 0, rendered.stderr
+        key = lambda doc: (doc["kind"], doc["metadata"]["name"])  # noqa: E731
+        assert sorted(yaml.safe_load_all(rendered.stdout), key=key) == sorted(docs, key=key)
 
 
 # ---- KServe ----

@@ -20,6 +20,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from serving_harness import Server, files, free_port, png_bytes, shapes
+from test_deploy import adapter_rules
 
 PROMETHEUS_DIR = Path(__file__).resolve().parents[1] / "docker" / "prometheus"
 DASHBOARD = Path(__file__).resolve().parents[1] / "docker" / "grafana" / "dashboards" / "vitserve.json"
@@ -152,6 +153,9 @@ class Traffic:
 def test_every_dashboard_query_returns_data_and_the_alert_rules_evaluate_on_the_real_service(serving_repo, tmp_path):
     server = Server(serving_repo, model_control="explicit")
     queries = dashboard_queries("20s")
+    for rule in adapter_rules():  # prometheus-adapter's query, as it asks for the pods of an HPA (here: the job)
+        queries[f"prometheus-adapter: {rule['name']['as']}"] = (
+            rule["metricsQuery"].replace("<<.LabelMatchers>>", 'job="vitserve"').replace("<<.GroupBy>>", "job"))
     missing = dict(queries)
     try:
         # an unload and a load, for the rollout panels
