@@ -87,7 +87,7 @@ serve: models
 
 # Benchmarks (not part of `make test`): BENCH_ARGS passes options, e.g. BENCH_ARGS="--models vit-tiny".
 BENCH_ARGS ?=
-.PHONY: bench bench-smoke
+.PHONY: bench bench-smoke bench-train
 bench: venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
@@ -101,6 +101,12 @@ SOAK_ARGS ?=
 .PHONY: soak
 soak: venv
 	$(BIN)/python -m bench.overload $(SOAK_ARGS)
+
+# Training on real small datasets (scikit-learn's digits, scikit-image's lfw_subset): the default recipe against the
+# classical baseline, and MAE pre-training against scratch on 10% of the labels; prints the table (about 30 min).
+TRAIN_BENCH_ARGS ?=
+bench-train: venv
+	$(BIN)/python -m bench.train_recipes $(TRAIN_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(RUNS) $(MODELS) .pytest_cache

@@ -164,6 +164,10 @@ MAE_PRESETS: dict[str, MAEConfig] = {
     # The demo MAE keeps 4x4 patches and the linear stem (a conv stem would see the masked pixels); its
     # encoder sees only the 16 kept patches, so two blocks do, and the cost is in the decoder's 64 tokens.
     "mae-demo": MAEConfig(encoder=_vit(64, 2, 2, patch=4, image=32), decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2),
+    # The MAE vit-train pre-trains on an image folder: the demo's width, four encoder blocks (what fine-tuning keeps is
+    # the encoder) and average pooling (the MAE paper's fine-tuning pools the patch tokens, not the class token).
+    "mae-compact": MAEConfig(encoder=_vit(64, 4, 2, patch=4, image=32, pooling="gap"), decoder_embed_dim=64, decoder_depth=2,
+                             decoder_num_heads=2),
     "mae-test": MAEConfig(encoder=VIT_PRESETS["vit-test"], decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2),
 }
 

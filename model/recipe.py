@@ -29,7 +29,7 @@ from .transforms import TrainTransform, train_transform
 
 # --- what the data decides -------------------------------------------------------------------------------
 SMALL_DATA_PRESET = "vit-demo"  # d64, 4 blocks: big enough for ten classes of small images, fast on a CPU
-SMALL_DATA_MAE_PRESET = "mae-demo"
+SMALL_DATA_MAE_PRESET = "mae-compact"
 # Input sizes by the images' typical shorter side; each keeps a 4x4 token grid under the conv stem
 # (MAE: 8x8 patches of the linear stem, which must not see across patches).
 INPUT_SIZES = ((40, 32), (96, 64), (math.inf, 128))
@@ -37,8 +37,10 @@ CLASSIFIER_GRID, MAE_GRID = 4, 8
 BASE_BATCH, MIN_BATCH = 64, 8
 MIN_STEPS_PER_EPOCH = 8  # a smaller batch rather than fewer than this many steps per pass over the data
 BASE_LR = {"classifier": 1.5e-3, "finetune": 1e-3, "mae": 1.5e-3}  # AdamW at BASE_BATCH
-STEP_FLOOR, STEP_CAP = 1200, 4000  # optimizer steps of a folder run
-TARGET_EPOCHS = {"classifier": 100, "finetune": 100, "mae": 150}  # passes over the data, within the floor and the cap
+# Optimizer steps of a folder run. Measured on scikit-learn's digits (1438 training images, 22 steps of 64 per pass):
+# 1000 steps reach 98% (the raw-pixel baseline: 96%) in about 4 minutes of one busy CPU core.
+STEP_FLOOR, STEP_CAP = 800, 3000
+TARGET_EPOCHS = {"classifier": 50, "finetune": 50, "mae": 100}  # passes over the data, within the floor and the cap
 WARMUP_SHARE = 0.05
 FINETUNE_LAYER_DECAY = 0.75
 EMA_HALF_LIFE_SHARE = 0.05  # the average forgets half of what it holds in this share of the run

@@ -73,7 +73,7 @@ def test_fine_tuning_an_mae_gets_layer_wise_decay_and_keeps_its_input_size():
 
 def test_an_mae_on_a_folder_keeps_the_linear_stem_and_an_8x8_patch_grid():
     recipe = recipe_for(1400, task=MAETask, typical=(64, 64))
-    assert recipe.preset == "mae-demo" and recipe.stem is None and recipe.image_size == 64 and recipe.patch_size == 8
+    assert recipe.preset == "mae-compact" and recipe.stem is None and recipe.image_size == 64 and recipe.patch_size == 8
     assert recipe.mixup == 0 and recipe.ema_decay == 0 and recipe.label_smoothing == 0
 
 
@@ -292,3 +292,17 @@ def test_the_progress_bar_shows_the_latest_validation_not_the_first():
         progress.validated(step, val)
     assert "val_loss=0.5000" in progress.bar.postfix
     progress.close()
+
+
+def test_mae_pre_training_on_a_folder_then_fine_tuning_its_encoder_with_layer_wise_decay(tmp_path, small_folder, capsys):
+    mae_out, ft_out = tmp_path / "mae", tmp_path / "ft"
+    assert main(["mae", "--data", str(small_folder), "--out", str(mae_out), "--max-steps", "2", *FAST]) == 0
+    mae_summary = json.loads((mae_out / "summary.json").read_text())
+    assert mae_summary["recipe"]["patch_size"] == 4 and mae_summary["recipe"]["image_size"] == 32
+    assert load_checkpoint(mae_out / "checkpoint.pt").training["name"] == "my-digits-mae"
+    capsys.readouterr()
+    assert main(["--data", str(small_folder), "--init-from", str(mae_out / "checkpoint.pt"), "--out", str(ft_out),
+                 "--max-steps", "2", "--progress", "lines", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "init: loaded the MAE's encoder (vitserve checkpoint, step 2)" in err and "layer-wise rate decay 0.75" in err
+    assert json.loads((ft_out / "summary.json").read_text())["recipe"]["layer_decay"] == 0.75
