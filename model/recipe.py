@@ -177,8 +177,9 @@ def choose_recipe(args: argparse.Namespace, task: str, defaults: dict[str, Any],
     elif given("preset") or not survey.is_folder:
         preset = given("preset") or defaults["preset"]
         image_size = given("image_size") or preset_image_size(task, preset)
-        why.append(f"model {preset} (--preset)" if given("preset") else
-                   f"model {preset}: the built-in images train with the demo's recipe, tuned for them")
+        size_from = "--image-size" if given("image_size") else "the preset's size"
+        why.append(f"model {preset} from --preset, input {image_size}x{image_size} from {size_from}" if given("preset") else
+                   f"model {preset} at {image_size}x{image_size}: the built-in images train with the demo's recipe, tuned for them")
     else:
         preset = SMALL_DATA_PRESET if task == "classifier" else SMALL_DATA_MAE_PRESET
         if given("image_size"):
