@@ -189,12 +189,14 @@ class MAETask(Task):
     @classmethod
     def add_options(cls, group: argparse._ArgumentGroup) -> None:
         group.add_argument("--mask-ratio", type=ratio, default=0.75, metavar="F", help="share of patches hidden from the encoder")
-        group.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalised targets")
+        group.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction,
+                           help="per-patch normalised targets (default: off on the built-in images, on for a folder)")
 
     def build_model(self, data: DataSplits, loaded: LoadedCheckpoint | None) -> nn.Module:
         args = self.args
         if loaded is None:
-            config = mae_preset(self.recipe.preset, norm_pix_loss=args.norm_pix_loss, mask_ratio=args.mask_ratio, **self.preset_overrides())
+            config = mae_preset(self.recipe.preset, norm_pix_loss=self.recipe.norm_pix_loss, mask_ratio=args.mask_ratio,
+                                **self.preset_overrides())
             return MaskedAutoencoder(config)
         if loaded.kind != "mae":
             raise ConfigError(f"--init-from {args.init_from} holds a {loaded.kind} model; MAE pre-training needs an MAE checkpoint")

@@ -35,7 +35,8 @@ def small_folder(tmp_path_factory):
 
 def recipe_for(train_images: int, task=ClassifierTask, typical=(25, 25), init_kind=None, **flags):
     names = ("preset", "image_size", "stem", "batch_size", "lr", "weight_decay", "epochs", "max_steps", "warmup_steps",
-             "hflip", "randaugment", "magnitude", "mixup", "cutmix", "mix_prob", "label_smoothing", "drop_path", "ema", "layer_decay")
+             "hflip", "randaugment", "magnitude", "mixup", "cutmix", "mix_prob", "label_smoothing", "drop_path", "ema", "layer_decay",
+             "norm_pix_loss")
     args = argparse.Namespace(**{name: flags.get(name) for name in names})
     source = "synthetic" if typical is None else "/data/mine"
     survey = DataSurvey(source, train_images, ["a", "b"], typical)
@@ -75,6 +76,8 @@ def test_an_mae_on_a_folder_keeps_the_linear_stem_and_an_8x8_patch_grid():
     recipe = recipe_for(1400, task=MAETask, typical=(64, 64))
     assert recipe.preset == "mae-compact" and recipe.stem is None and recipe.image_size == 64 and recipe.patch_size == 8
     assert recipe.mixup == 0 and recipe.ema_decay == 0 and recipe.label_smoothing == 0
+    assert recipe.norm_pix_loss and not recipe_for(1400, task=MAETask, typical=(64, 64), norm_pix_loss=False).norm_pix_loss
+    assert not recipe_for(9600, task=MAETask, typical=None).norm_pix_loss  # the demo MAE keeps raw targets
 
 
 # --- the run a new user tries ----------------------------------------------------------------------------------
