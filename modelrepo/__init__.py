@@ -14,15 +14,15 @@ from .layout import (
     check_name, check_repository, model_names, read_metadata, staged_version, version_dirs, versions, write_metadata,
 )
 from .metadata import (
-    FORMAT_VERSION, AttentionMaps, Classification, Embedding, ImageInput, ModelMetadata, Normalization, Reconstruction, TensorSpec,
-    VariantRecord,
+    FORMAT_VERSION, AttentionMaps, Classification, Embedding, ImageInput, ModelMetadata, Normalization, Reconstruction,
+    TensorSpec, VariantRecord,
 )
 from .names import TASKS, VARIANT_FILES, Task
 from .policy import InvalidPolicy, VersionPolicy, read_version_policy
 
 __all__ = [
-    "FORMAT_VERSION", "TASKS", "VARIANT_FILES", "AttentionMaps", "Classification", "Embedding", "ImageInput", "InvalidMetadata", "InvalidPolicy",
-    "ModelMetadata", "Normalization", "Reconstruction", "RepositoryError", "Task", "TensorSpec", "UnsupportedFormat",
+    "FORMAT_VERSION", "TASKS", "VARIANT_FILES", "AttentionMaps", "Classification", "Embedding", "ImageInput",
+    "InvalidMetadata", "InvalidPolicy", "ModelMetadata", "Normalization", "Reconstruction", "RepositoryError", "Task", "TensorSpec", "UnsupportedFormat",
     "VariantRecord", "check_name", "check_repository", "model_names", "read_metadata", "staged_version", "version_dirs",
     "versions", "write_metadata", "VersionPolicy", "read_version_policy",
 ]
