@@ -277,9 +277,8 @@ class ReconstructionView {
     this.card = imageCard(image, [
       el("figure", {}, [el("div", { className: "stack" }, [this.masked, this.canvas]),
         el("figcaption", { text: "masked input: click or drag patches" })]),
-      el("figure", {}, [this.composite, el("figcaption", { text: "visible + painted back" })]),
+      el("figure", {}, [this.composite, el("figcaption", { text: "visible + painted back" }), this.mse]),
       el("figure", {}, [this.reconstruction, el("figcaption", { text: "every patch as predicted" })]),
-      this.mse,
     ]);
     this.card.classList.add("reconstruction");
     this.listen();
