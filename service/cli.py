@@ -3,8 +3,6 @@
 Every option is also an environment variable `VITSERVE_<NAME>`; see `vit-serve --help`."""
 from __future__ import annotations
 
-import json
-import os
 import signal
 import sys
 
@@ -13,7 +11,7 @@ from pydantic import ValidationError
 
 from .api import create_app
 from .logs import configure_logging
-from .settings import Settings, env_name, load_settings
+from .settings import RetiredSetting, Settings, env_name, load_settings
 
 
 class DrainingServer(uvicorn.Server):
@@ -39,32 +37,16 @@ def serve(settings: Settings) -> None:
     # its access log is off because ours (service.middleware) writes one line per request with the request id.
     common = dict(host=settings.host, port=settings.port, loop="uvloop", http="httptools", log_level=settings.log_level,
                   log_config=None, access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s or None)
-    if settings.workers > 1:
-        # Each worker process builds its own app from the environment (the command line was exported into it).
-        _export_to_environment(settings)
-        uvicorn.run("service.cli:app_from_environment", factory=True, workers=settings.workers, **common)
-        return
     app = create_app(settings)
     DrainingServer(uvicorn.Config(app, **common), app.state.service).run()
-
-
-def app_from_environment():
-    """The app of one worker process in `--workers N` mode (each worker has its own metrics registry)."""
-    settings = Settings()
-    configure_logging(settings.log_level, settings.log_format)
-    return create_app(settings)
-
-
-def _export_to_environment(settings: Settings) -> None:
-    for name, value in settings.model_dump(exclude_none=True).items():
-        if name == "api_key":
-            value = settings.api_key.get_secret_value()
-        os.environ[env_name(name)] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(sys.argv[1:] if argv is None else argv)
+    except RetiredSetting as error:
+        print(f"vit-serve: error: {error}", file=sys.stderr)
+        return 2
     except ValidationError as error:
         for item in error.errors():
             print(f"vit-serve: error: {_which_setting(item['loc'])}{item['msg'].removeprefix('Value error, ')}", file=sys.stderr)

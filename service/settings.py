@@ -56,7 +56,6 @@ class Settings(BaseSettings):
                                   "(KServe V2 / Triton, whose gRPC port is 8001); 0 or empty: off. Off by default "
                                   "because it needs the grpc extra (pip install 'vitserve[grpc]') and opens a second "
                                   "port; the container images turn it on at 8001 (default: off)")
-    workers: int = Field(1, ge=1, description="server processes (each loads every model)")
     api_key: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>' or 'X-API-Key'; "
                                       "probes and metrics stay open (default: none, no key needed)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued and running work may take, in seconds")
@@ -155,13 +154,6 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _explicit_control_needs_one_process(self) -> "Settings":
-        if self.model_control == "explicit" and self.workers > 1:  # a load would reach one worker of N
-            raise ValueError("--model-control explicit needs --workers 1: a load or unload request reaches only one "
-                             "worker process; scale with replicas (or use poll mode, in which every worker rescans)")
-        return self
-
-    @model_validator(mode="after")
     def _a_request_must_fit_the_queue(self) -> "Settings":
         if self.max_images_per_request > self.max_queue_images:
             raise ValueError(f"max_images_per_request ({self.max_images_per_request}) must not exceed max_queue_images "
@@ -196,7 +188,7 @@ class Settings(BaseSettings):
 OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "model repository": ("repo", "models", "pin_versions", "model_control", "repository_poll_s", "version_policy",
                          "variant", "device", "runtime", "precision"),
-    "server": ("host", "port", "grpc_port", "workers", "api_key", "drain_timeout_s"),
+    "server": ("host", "port", "grpc_port", "api_key", "drain_timeout_s"),
     "request limits": ("timeout_ms", "max_body_bytes", "max_images_per_request", "max_pixels"),
     "batching": ("max_batch_size", "max_delay_ms", "max_queue_images", "max_queue_delay_ms", "instances"),
     "CPU threads": ("intra_op_threads", "solo_all_cores", "intra_op_spin_us", "decode_threads"),
@@ -281,8 +273,22 @@ def command_line_parser() -> tuple[argparse.ArgumentParser, Callable[..., argpar
     return parser, add_option
 
 
+class RetiredSetting(ValueError):
+    """A setting that was removed is still given."""
+
+
+# Settings that no longer exist, with what to do instead: refused rather than silently ignored.
+RETIRED = {
+    "workers": "vit-serve runs one server process; scale with replicas (one process per pod or container), and "
+               "use --instances for batches that run side by side inside it",
+}
+
+
 def load_settings(argv: list[str] | None = None) -> Settings:
     """Settings from the environment, overridden by command-line options when `argv` is given."""
+    for name, instead in RETIRED.items():
+        if env_name(name) in os.environ or f"--{name.replace('_', '-')}" in (argv or []):
+            raise RetiredSetting(f"{name} (--{name.replace('_', '-')}, {env_name(name)}) was removed: {instead}")
     if argv is None:
         return Settings()
     parser, add_option = command_line_parser()

@@ -282,6 +282,11 @@ def test_settings_that_cannot_work_stop_the_server_with_a_clear_message(repo, tm
     assert result.returncode == 2 and "instances" in result.stderr
     result = subprocess.run([VIT_SERVE, "--repo", str(repo), "--intra-op-spin-us", "-1"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "intra_op_spin_us" in result.stderr
+    env = {**os.environ, "VITSERVE_WORKERS": "4"}  # removed: refused, never silently ignored
+    result = subprocess.run([VIT_SERVE, "--repo", str(repo)], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and "workers" in result.stderr and "scale with replicas" in result.stderr
+    result = subprocess.run([VIT_SERVE, "--repo", str(repo), "--workers", "2"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "was removed" in result.stderr
 
 
 # --- lifecycle ---------------------------------------------------------------------------------------------

@@ -207,10 +207,8 @@ class GrpcServer:
     def __init__(self, state: ServiceState) -> None:
         settings = self.settings = state.settings
         self.state, self.in_flight = state, CallsInFlight()
-        # SO_REUSEPORT only for --workers N, where every worker listens on the port; otherwise a port already taken
-        # must be an error, not a port silently shared with another process.
-        options = [("grpc.max_receive_message_length", settings.max_body_bytes),
-                   ("grpc.so_reuseport", 1 if settings.workers > 1 else 0)]
+        # No SO_REUSEPORT: a port already taken must be an error, not a port silently shared with another process.
+        options = [("grpc.max_receive_message_length", settings.max_body_bytes), ("grpc.so_reuseport", 0)]
         self.server = grpc.aio.server(options=options)
         self.server.add_generic_rpc_handlers((service_handler(state, self.in_flight),))
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
