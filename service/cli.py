@@ -10,6 +10,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from .api import create_app
+from .http_protocol import HeaderTimeoutConfig
 from .logs import configure_logging
 from .settings import RetiredSetting, Settings, env_name, load_settings
 
@@ -35,10 +36,15 @@ def serve(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format)
     # log_config=None: uvicorn's loggers write through our handler (and format), not through handlers of its own;
     # its access log is off because ours (service.middleware) writes one line per request with the request id.
-    common = dict(host=settings.host, port=settings.port, loop="uvloop", http="httptools", log_level=settings.log_level,
-                  log_config=None, access_log=False, timeout_graceful_shutdown=settings.drain_timeout_s or None)
+    # No connection cap (uvicorn's limit_concurrency): past it uvicorn answers 503 to every request, health probes
+    # included, so a crowd of idle connections would get the pod restarted. Idle and slow connections are bounded
+    # in time instead: the header deadline and the keep-alive timeout close them.
     app = create_app(settings)
-    DrainingServer(uvicorn.Config(app, **common), app.state.service).run()
+    config = HeaderTimeoutConfig(app, header_timeout_s=settings.header_timeout_s, host=settings.host, port=settings.port,
+                                 loop="uvloop", log_level=settings.log_level, log_config=None, access_log=False,
+                                 timeout_keep_alive=settings.keep_alive_timeout_s,
+                                 timeout_graceful_shutdown=settings.drain_timeout_s or None)
+    DrainingServer(config, app.state.service).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 
 from fastapi import Request
 from fastapi.responses import Response
 
-from .errors import Overloaded, ServiceError
+from .errors import DeadlineExceeded, Overloaded, ServiceError
 from .images import decode_base64_image, prepare_image, prepare_image_with_source
 from .request_parsing import read_request
 from .state import ServedModel, ServiceState
@@ -15,10 +16,15 @@ from .tasks import PreparedImage, TaskHandler
 
 
 async def serve_task(request: Request, state: ServiceState, handler: TaskHandler) -> Response:
-    images, params = await read_request(request, state.settings.max_images_per_request, handler.params_type)
+    arrived = request.scope["state"]["arrived"]
+    try:  # a body that trickles in must not hold its connection past the server's deadline
+        async with asyncio.timeout(request_deadline(state, None, arrived=arrived) - time.monotonic()):
+            images, params = await read_request(request, state.settings.max_images_per_request, handler.params_type)
+    except TimeoutError:
+        raise DeadlineExceeded("the request's body did not arrive before its deadline") from None
     media_type = handler.media_type(request.headers.get("accept", ""), len(images))
     with state.model_for(handler.task, params.model, params.version).lease() as model:  # held until answered
-        deadline = request_deadline(state, params.timeout_ms, arrived=request.scope["state"]["arrived"])
+        deadline = request_deadline(state, params.timeout_ms, arrived=arrived)
         with model.batcher.admit(len(images), deadline) as admission:  # refused now, before any decoding
             prepared = await prepare_images(state, model, images, keep_source=handler.keeps_source(params))
             work = handler.batch_work(prepared, params, model)

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer <key>' or 'X-API-Key'; "
                                       "probes and metrics stay open (default: none, no key needed)")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued and running work may take, in seconds")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection must send a request's complete headers within "
+                                    "this many seconds of opening (or of the request's first byte); else it is closed")
+    keep_alive_timeout_s: int = Field(5, ge=1, description="an idle kept-alive connection is closed after this many "
+                                      "seconds; behind a load balancer, make it longer than the balancer's idle timeout")
 
     timeout_ms: int = Field(30_000, ge=1, description="default per-request deadline (a request may ask for less)")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest request body; larger ones get 413 "
@@ -188,7 +192,7 @@ class Settings(BaseSettings):
 OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "model repository": ("repo", "models", "pin_versions", "model_control", "repository_poll_s", "version_policy",
                          "variant", "device", "runtime", "precision"),
-    "server": ("host", "port", "grpc_port", "api_key", "drain_timeout_s"),
+    "server": ("host", "port", "grpc_port", "api_key", "drain_timeout_s", "header_timeout_s", "keep_alive_timeout_s"),
     "request limits": ("timeout_ms", "max_body_bytes", "max_images_per_request", "max_pixels"),
     "batching": ("max_batch_size", "max_delay_ms", "max_queue_images", "max_queue_delay_ms", "instances"),
     "CPU threads": ("intra_op_threads", "solo_all_cores", "intra_op_spin_us", "decode_threads"),
