@@ -20,9 +20,11 @@ from modelrepo import model_names
 from modelrepo.names import VARIANT_FILES
 from modelrepo.session import open_session, usable_cores
 from service.images import ImageLimits, prepare_image
+from service.settings import Settings
 from service.repository import ModelVersion, newest_version
 
 NUM_CLASSES = 1000
+SERVICE_SPIN_US = Settings.model_fields["intra_op_spin_us"].default
 JPEG_SIZE = (320, 240)  # (width, height) of the request images
 JPEG_QUALITY = 90
 BIAS_SPREAD = 8.0  # class biases, in units of the random model's logit spread
@@ -115,10 +117,11 @@ def cuda_available() -> bool:
 
 
 def service_session(path: Path, threads: int | None = None, device: str = "cpu") -> onnxruntime.InferenceSession:
-    """A session opened as the service opens it (modelrepo.session); on `device="cuda"` the CUDA provider, which
-    must really load (no silent CPU fallback in a GPU benchmark)."""
+    """A session opened as the service opens it (modelrepo.session, with the service's default spinning: onnxruntime's
+    own spun for milliseconds, which on a busy machine made a raw batch-1 run slower than the service's); on
+    `device="cuda"` the CUDA provider, which must really load (no silent CPU fallback in a GPU benchmark)."""
     providers = [CUDA, "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    session = open_session(path, providers, threads)
+    session = open_session(path, providers, threads, SERVICE_SPIN_US)
     if device == "cuda" and session.get_providers()[0] != CUDA:
         raise RuntimeError(f"the CUDA provider did not load for {path} (check the CUDA and cuDNN libraries)")
     return session
