@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -14,14 +16,13 @@ from .request_parsing import read_request
 from .state import ServedModel, ServiceState
 from .tasks import PreparedImage, TaskHandler
 
+T = TypeVar("T")
+
 
 async def serve_task(request: Request, state: ServiceState, handler: TaskHandler) -> Response:
     arrived = request.scope["state"]["arrived"]
-    try:  # a body that trickles in must not hold its connection past the server's deadline
-        async with asyncio.timeout(request_deadline(state, None, arrived=arrived) - time.monotonic()):
-            images, params = await read_request(request, state.settings.max_images_per_request, handler.params_type)
-    except TimeoutError:
-        raise DeadlineExceeded("the request's body did not arrive before its deadline") from None
+    images, params = await within_server_deadline(
+        state, arrived, read_request(request, state.settings.max_images_per_request, handler.params_type))
     media_type = handler.media_type(request.headers.get("accept", ""), len(images))
     with state.model_for(handler.task, params.model, params.version).lease() as model:  # held until answered
         deadline = request_deadline(state, params.timeout_ms, arrived=arrived)
@@ -72,6 +73,16 @@ def _decode_and_prepare(data: bytes | str, model: ServedModel, state: ServiceSta
     if keep_source:
         return PreparedImage(*prepare_image_with_source(raw, model.resize, state.limits, index=index))
     return PreparedImage(prepare_image(raw, model.resize, state.limits, index=index))
+
+
+async def within_server_deadline(state: ServiceState, arrived: float, reading: Awaitable[T]) -> T:
+    """`reading` (a request's body), bounded by the server's deadline counted from the request's arrival: a body
+    that trickles in must not hold its connection longer (504)."""
+    try:
+        async with asyncio.timeout(request_deadline(state, None, arrived=arrived) - time.monotonic()):
+            return await reading
+    except TimeoutError:
+        raise DeadlineExceeded("the request's body did not arrive before its deadline") from None
 
 
 def request_deadline(state: ServiceState, timeout_ms: int | None, *, arrived: float) -> float:

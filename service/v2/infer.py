@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from ..errors import NotFound, NotReady
-from ..inference import prepare_images, request_deadline
+from ..inference import prepare_images, request_deadline, within_server_deadline
 from ..state import ServedModel, ServiceState
 from ..tasks import PreparedImage
 from ..tasks.base import Item
@@ -44,7 +44,8 @@ def served_model(state: ServiceState, name: str, version: str | None) -> ServedM
 
 async def serve_infer(request: Request, state: ServiceState, name: str, version: str | None) -> Response:
     served_model(state, name, version)  # an unknown model is refused before its body is read
-    body = decoded_body(await request.body(), request.headers.get("content-encoding"), state.settings.max_body_bytes)
+    raw = await within_server_deadline(state, request.scope["state"]["arrived"], request.body())
+    body = decoded_body(raw, request.headers.get("content-encoding"), state.settings.max_body_bytes)
     # Leased once the body is in (as the task routes do): a slow upload must not hold a version that is being replaced.
     with served_model(state, name, version).lease() as model:
         return await _serve_infer(request, state, model, body)
