@@ -103,7 +103,7 @@ soak: venv
 	$(BIN)/python -m bench.overload $(SOAK_ARGS)
 
 # Training on real small datasets (scikit-learn's digits, scikit-image's lfw_subset): the default recipe against the
-# classical baseline, and MAE pre-training against scratch on 10% of the labels; prints the table (about 30 min).
+# classical baseline, and MAE pre-training against scratch on 10% of the labels; prints the table (about 10 min).
 TRAIN_BENCH_ARGS ?=
 bench-train: venv
 	$(BIN)/python -m bench.train_recipes $(TRAIN_BENCH_ARGS)
