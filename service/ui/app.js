@@ -269,6 +269,7 @@ class ReconstructionView {
     this.form = form;
     this.mask = [];  // per patch, row-major: true = hidden
     this.grid = [1, 1];
+    this.requests = 0;  // re-runs sent so far
     this.masked = el("img", { className: "model-size", attrs: { alt: "masked input" } });
     this.reconstruction = el("img", { className: "model-size", attrs: { alt: "reconstruction" } });
     this.composite = el("img", { className: "model-size", attrs: { alt: "visible patches with the hidden ones painted back" } });
@@ -360,8 +361,9 @@ class ReconstructionView {
     await perform(`reconstructing ${this.image.file.name} with ${masked.length} hidden patches`, async () => {
       if (masked.length === 0) throw new ApiError("hide at least one patch: there is nothing to paint back");
       const fields = { model: this.form.model.value, masked: masked.join(",") };
+      const ticket = ++this.requests;  // a quicker answer to an earlier mask must not replace a later one
       const data = await api("reconstruct", { body: imageForm([this.image], fields), files: [this.image] });
-      this.show(data.results[0], data.grid);
+      if (ticket === this.requests) this.show(data.results[0], data.grid);
     });
   }
 }
