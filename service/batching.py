@@ -211,9 +211,10 @@ class MicroBatcher:
         if self._stopping or self._runner is None:
             self._notify("rejected", "shutdown")
             raise NotReady(f"model '{self.name}' is not accepting requests")
-        if deadline is not None and deadline <= time.monotonic():  # late already (a slow upload): not an overload
+        # Late already (a slow upload), or a deadline shorter than decoding takes: no wait would help, not an overload.
+        if deadline is not None and deadline - time.monotonic() <= self._queue.to_queue_s:
             self._notify("rejected", "deadline")
-            raise DeadlineExceeded(f"deadline passed before the request reached model '{self.name}'")
+            raise DeadlineExceeded(f"the deadline leaves no time for model '{self.name}' to start the request")
         self.check_capacity(images, deadline)
         return self._queue.reserve(images)
 

@@ -138,6 +138,11 @@ class RequestQueue:
         """Count `images` as waiting from now until they are queued (`add`) or the reservation is released."""
         return Reservation(self, images)
 
+    @property
+    def to_queue_s(self) -> float:
+        """How long admitted requests take to reach the queue (decoding), as a running average."""
+        return self._to_queue_s
+
     def batch_s(self, size: int) -> float | None:
         """How long a batch of `size` images takes (running average); a size not timed yet is scaled from the
         nearest size that was; None before any batch was timed."""

@@ -289,12 +289,16 @@ def test_an_admitted_request_holds_its_place_while_it_is_decoded():
         assert batcher.admit(1).images == 1  # 3 queued + 1: fits; the submit released its reservation once
         with pytest.raises(DeadlineExceeded):
             batcher.admit(1, deadline=time.monotonic() - 0.001)  # late before it was admitted: 504, not 503
+        batcher._queue._to_queue_s = 0.2  # decoding has been taking 200 ms
+        with pytest.raises(DeadlineExceeded):
+            batcher.admit(1, deadline=time.monotonic() + 0.1)  # no wait would help: 504, not 503
+        batcher._queue._to_queue_s = 0.0
         model.release.set()
         await holder
         return await queued
 
     assert run(body, model, max_queue_images=4, observer=observer) == ["out:a", "out:b", "out:c"]
-    assert observer.rejections == ["queue_full", "deadline"]
+    assert observer.rejections == ["queue_full", "deadline", "deadline"]
 
 
 def test_deadline_passed_while_queued_fails_before_inference():
