@@ -49,13 +49,18 @@ def checkpoints(tmp_path_factory) -> list[Path]:
     return paths
 
 
-@pytest.fixture()
-def repo(tmp_path, checkpoints) -> Path:
-    """`shapes` version 1, and `other` version 1 (a second model for load/unload)."""
-    repository = tmp_path / "repo"
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, checkpoints) -> Path:
+    repository = tmp_path_factory.mktemp("live-exported") / "repo"
     for name in ("shapes", "other"):
         export_checkpoint(ExportRequest(checkpoint=checkpoints[0], repo=repository, name=name))
     return repository
+
+
+@pytest.fixture()
+def repo(tmp_path, exported) -> Path:
+    """`shapes` version 1, and `other` version 1 (a second model for load/unload): a fresh copy per test."""
+    return Path(shutil.copytree(exported, tmp_path / "repo"))
 
 
 class RequestStream:
