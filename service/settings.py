@@ -28,6 +28,7 @@ ENV_PREFIX = "VITSERVE_"
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, cli_kebab_case=True, cli_implicit_flags=True, cli_ignore_unknown_args=False,
+        env_parse_none_str="null",  # VITSERVE_INTRA_OP_SPIN_US=null asks for the computed default, as --... null does
     )
     # Fields are listed in the order of OPTION_GROUPS below, which is the order of `vit-serve --help`. A field whose
     # default is None or computed says in its description what that means ("default: ..."): the help prints it.

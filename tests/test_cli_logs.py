@@ -65,6 +65,13 @@ def test_command_line_forms_and_that_the_command_line_beats_the_environment(tmp_
     assert load_settings(["--repo", str(tmp_path), "--models", '["c"]']).models == ["c"]
 
 
+def test_null_in_the_environment_asks_for_the_computed_default_as_on_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITSERVE_INTRA_OP_SPIN_US", "null")
+    monkeypatch.setenv("VITSERVE_MAX_QUEUE_DELAY_MS", "null")
+    settings = load_settings(["--repo", str(tmp_path)])
+    assert settings.intra_op_spin_us is None and settings.max_queue_delay_ms is None
+
+
 def test_a_bad_value_exits_2_naming_the_field_its_option_and_its_variable(tmp_path):
     result = run_vit_serve("--repo", str(tmp_path), "--log-format", "xml")
     assert result.returncode == 2
