@@ -158,13 +158,15 @@ def test_a_failing_part_stops_the_parts_of_its_request_that_have_not_started():
     model = FakeModel(fail_on="bad")
 
     async def body(batcher):
-        with pytest.raises(InferenceFailed):
-            await batcher.submit(["bad", "p1", "p2", "p3", "p4", "p5", "p6", "p7"])
+        with pytest.raises(InferenceFailed):  # fails while its second part still runs (held)
+            await batcher.submit(["bad", "p1", "hold", "p3", "p4", "p5", "p6", "p7"])
+        model.release.set()
         await asyncio.sleep(0.05)
 
     run(body, model, max_batch_size=2, max_delay_ms=0, instances=2)
-    # two parts start at once on the two instances; none is staged behind its own request's parts
-    assert sorted(map(tuple, model.batches)) == [("bad", "p1"), ("p2", "p3")]
+    # two parts start at once on the two instances; none is staged behind its own request's parts, and once the
+    # request has failed, the instance freed by the held part starts none of the rest
+    assert sorted(map(tuple, model.batches)) == [("bad", "p1"), ("hold", "p3")]
 
 
 def test_only_requests_that_waited_are_probed_for_a_disconnect():

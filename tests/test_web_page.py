@@ -77,9 +77,13 @@ def screenshot(element, name: str) -> None:
 # --- driving the page --------------------------------------------------------------------------------------------
 
 def wait(driver, condition, timeout: float = WAIT_S):
+    """Until `condition` holds. The page re-renders lists (options, results) as answers arrive: an element found a
+    moment ago may be gone when read, so such a poll just looks again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+    return WebDriverWait(driver, timeout, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+                         ).until(lambda d: condition(d))
 
 
 def find(driver, css: str):
