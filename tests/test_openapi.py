@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from browser_logs import requested_urls
 from serving_harness import API_KEY, Server, png_bytes
 
 from service.docs import ASSET_TYPES
@@ -157,15 +158,6 @@ def test_the_pages_load_only_assets_this_server_serves(server, page):
 # `browser`: the session's headless Chromium, offline (tests/conftest.py)
 
 
-def _requested_urls(driver) -> set[str]:
-    urls = set()
-    for entry in driver.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message["method"] == "Network.requestWillBeSent":
-            urls.add(message["params"]["request"]["url"])
-    return urls
-
-
 def _open_operation(driver, operation_id: str):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -196,7 +188,7 @@ def test_swagger_ui_renders_offline_and_uploads_an_image(browser, server, tmp_pa
     WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock"))
     summaries = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")]
     assert {"/classify", "/embed", "/reconstruct", "/models", "/metrics"} <= set(summaries)
-    outside = {u for u in _requested_urls(browser) if u.startswith("http") and not u.startswith(server.url)}
+    outside = {u for u in requested_urls(browser) if u.startswith("http") and not u.startswith(server.url)}
     assert not outside, f"/docs asked for {outside}"
 
     # "Try it out" on /classify: pick a file, execute, get the labels

@@ -7,7 +7,6 @@ VITSERVE_PAGE_REPO=models runs it against another repository (the README's scree
 from __future__ import annotations
 
 import base64
-import json
 import os
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from matplotlib.cbook import get_sample_data
 from PIL import Image, ImageDraw
+from browser_logs import requested_urls
 from serving_harness import API_KEY, Server
 
 from service.web_page import FILES, PAGE_URL
@@ -122,15 +122,6 @@ def error_text(driver) -> str:
 def console_problems(driver) -> list[dict]:
     """Console messages other than the network's own line about a refused request (a 4xx the test provoked)."""
     return [entry for entry in driver.get_log("browser") if entry.get("source") != "network"]
-
-
-def requested_urls(driver) -> set[str]:
-    urls = set()
-    for entry in driver.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message["method"] == "Network.requestWillBeSent":
-            urls.add(message["params"]["request"]["url"])
-    return urls
 
 
 def labels_of(server) -> set[str]:
