@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from modelrepo import InvalidPolicy, RepositoryError, VersionPolicy, model_names, read_version_policy, versions
+from modelrepo import InvalidPolicy, VersionPolicy, model_names, read_version_policy, versions
 
 from .errors import BadRequest, Conflict, NotFound
 from .metrics import Metrics
