@@ -14,10 +14,11 @@ from .docs import DOC_PATHS, install_docs
 from .errors import BadRequest, InvalidParameter, MethodNotAllowed, NotFound, ServiceError
 from .inference import serve_task
 from .metrics import Metrics
-from .middleware import ApiKeyMiddleware, OverloadShedding, RequestContextMiddleware
+from .middleware import ApiKeyMiddleware, RequestContextMiddleware
 from .openapi import METRICS_RESPONSE, PNG_RESPONSE, install_openapi, task_operation
 from .runtime import RuntimeStartError, cuda_available
 from .settings import Settings
+from .shedding import EarlyRefusals
 from .state import ServedModel, ServiceState
 from .tasks import HANDLERS
 from .v2 import HEALTH_PATHS as V2_HEALTH_PATHS, v2_router
@@ -54,7 +55,9 @@ def create_app(settings: Settings) -> FastAPI:
                   description="Vision Transformer inference: classification, embeddings and MAE reconstruction.")
     app.state.service = state
     metrics.ready.set_function(lambda: 1.0 if state.ready else 0.0)  # read at each scrape
-    app.add_middleware(OverloadShedding, state=state, task_paths={f"/{task}": task for task in HANDLERS})
+    # Requests refused before their body is read never reach the app: the server's protocol asks this first.
+    app.state.refuse_early = EarlyRefusals(state, metrics, tasks=list(HANDLERS), api_key=(
+        settings.api_key.get_secret_value() if settings.api_key is not None else None))
     if settings.api_key is not None:  # added first: runs inside the request context (counted, logged, X-Request-ID)
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=OPEN_PATHS)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)

@@ -10,7 +10,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from .api import create_app
-from .http_protocol import HeaderTimeoutConfig
+from .http_protocol import ServerConfig
 from .logs import configure_logging
 from .settings import RetiredSetting, Settings, env_name, load_settings
 
@@ -40,10 +40,11 @@ def serve(settings: Settings) -> None:
     # included, so a crowd of idle connections would get the pod restarted. Idle and slow connections are bounded
     # in time instead: the header deadline and the keep-alive timeout close them.
     app = create_app(settings)
-    config = HeaderTimeoutConfig(app, header_timeout_s=settings.header_timeout_s, host=settings.host, port=settings.port,
-                                 loop="uvloop", log_level=settings.log_level, log_config=None, access_log=False,
-                                 timeout_keep_alive=settings.keep_alive_timeout_s,
-                                 timeout_graceful_shutdown=settings.drain_timeout_s or None)
+    config = ServerConfig(app, header_timeout_s=settings.header_timeout_s, max_pace_s=settings.refusal_pause_ms / 1000,
+                          refuse_early=app.state.refuse_early,
+                          host=settings.host, port=settings.port, loop="uvloop", log_level=settings.log_level,
+                          log_config=None, access_log=False, timeout_keep_alive=settings.keep_alive_timeout_s,
+                          timeout_graceful_shutdown=settings.drain_timeout_s or None)
     DrainingServer(config, app.state.service).run()
 
 

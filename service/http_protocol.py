@@ -1,33 +1,77 @@
-"""uvicorn's HTTP protocol (httptools) with a deadline for a request's headers.
+"""uvicorn's HTTP protocol (httptools) with two connection policies of ours: a deadline for a request's headers, and
+pacing of a connection whose request was refused for overload.
 
-uvicorn times a connection out only between requests (the keep-alive timeout, after a response). A connection that
-opens and sends nothing, or sends its headers a byte at a time, would otherwise stay open for as long as the client
-likes: each one costs a file descriptor and a little memory, and enough of them exhaust the process. Here a
-connection must deliver a request's complete headers within `header_timeout_s` of opening (or, on a kept-alive
+Headers: uvicorn times a connection out only between requests (the keep-alive timeout, after a response). A
+connection that opens and sends nothing, or sends its headers a byte at a time, would otherwise stay open for as long
+as the client likes: each one costs a file descriptor and a little memory, and enough of them exhaust the process.
+Here a connection must deliver a request's complete headers within `header_timeout_s` of opening (or, on a kept-alive
 connection, of the request's first byte); else it is closed. A slow body is the app's to bound (the request's
 deadline, `service.inference`); a client that does not read its response only stalls its own connection (uvicorn's
-flow control), never a batch."""
+flow control), never a batch.
+
+Refusing early: a request that the app's `EarlyRefusal` hook (`service.shedding`) refuses once its headers are in is
+answered here, without an ASGI task or the middleware chain; its body, if any, is read and dropped.
+
+Pacing: a refusal is cheap, but not free, and a client that ignores Retry-After and sends its next request at once
+(a load tester, a naive retry loop) can make refusing all the event loop does: with 256 such connections it refused
+about 10,000 requests a second and the admitted ones waited seconds for their turn in the loop (goodput 0.08 of
+normal). So after a 503 with Retry-After, the app asks (`PACE_CONNECTION` in the request's scope state) that the
+connection not be read again for a while: the answer is sent at once, the client's next request is read when the
+pause ends (nothing is lost; it waits in the socket). A client that honours Retry-After never notices."""
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
+from collections.abc import Callable
 
+import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+PACE_CONNECTION = "vitserve.pace_connection"  # scope["state"] key: call it with seconds to pause reading after the answer
+
+Headers = list[tuple[bytes, bytes]]
+# (method, path, query string, headers, client address) -> (status, headers, body) to answer now, or None
+EarlyRefusal = Callable[[str, str, bytes, Headers, str], tuple[int, Headers, bytes] | None]
 
 
-class HeaderTimeoutConfig(uvicorn.Config):
-    """uvicorn's configuration plus the header deadline the protocol reads."""
+class ServerConfig(uvicorn.Config):
+    """uvicorn's configuration plus what our protocol reads: the header deadline, the early refusal hook and the
+    longest pacing pause."""
 
-    def __init__(self, app, *, header_timeout_s: float, **options) -> None:
-        super().__init__(app, http=HeaderTimeoutProtocol, **options)
+    def __init__(self, app, *, header_timeout_s: float, max_pace_s: float, refuse_early: EarlyRefusal | None = None,
+                 **options) -> None:
+        super().__init__(app, http=ServerProtocol, **options)
         self.header_timeout_s = header_timeout_s
+        self.max_pace_s = max_pace_s
+        self.refuse_early = refuse_early
 
 
-class HeaderTimeoutProtocol(HttpToolsProtocol):
-    def __init__(self, config: HeaderTimeoutConfig, *args, **kwargs) -> None:
+def retry_after_s(headers: Headers) -> int | None:
+    value = next((value for name, value in headers if name.lower() == b"retry-after"), None)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+class _AnsweredHere:
+    """Stands in for uvicorn's request cycle once the protocol answered a request itself: the body is dropped."""
+
+    response_complete, disconnected, keep_alive = True, False, False
+
+    class message_event:  # noqa: N801 - uvicorn calls .set() on it when the connection is lost
+        @staticmethod
+        def set() -> None:
+            pass
+
+
+class ServerProtocol(HttpToolsProtocol):
+    def __init__(self, config: ServerConfig, *args, **kwargs) -> None:
         super().__init__(config, *args, **kwargs)
         self._header_timeout_s = config.header_timeout_s
+        self._max_pace_s = config.max_pace_s
+        self._refuse_early = config.refuse_early
         self._header_timer: asyncio.TimerHandle | None = None
+        self._pace_s = 0.0  # asked by the current request's answer
+        self._pace_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -35,16 +79,66 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._pace_s = 0.0
+        self.scope["state"][PACE_CONNECTION] = self._pace
         if self._header_timer is None:  # a later request on a kept-alive connection: due from its first byte
             self._start_header_timer()
 
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
-        super().on_headers_complete()
+        if not self._answered_early():
+            super().on_headers_complete()
+
+    def _answered_early(self) -> bool:
+        """Asks the early refusal hook about a POST (not pipelined behind an unanswered one); writes its answer."""
+        if self._refuse_early is None or self.parser.get_method() != b"POST" or self.parser.should_upgrade():
+            return False
+        if self.cycle is not None and not self.cycle.response_complete:
+            return False  # pipelined: answers must go out in order
+        url = httptools.parse_url(self.url)
+        path = url.path.decode("ascii")
+        path = urllib.parse.unquote(path) if "%" in path else path
+        client = self.client[0] if self.client else "-"
+        answer = self._refuse_early("POST", path, url.query or b"", self.headers, client)
+        if answer is None:
+            return False
+        status, headers, body = answer
+        # A client waiting for 100-continue has not sent its body: closing is the clean way not to read it.
+        keep_alive = self.parser.should_keep_alive() and not self.expect_100_continue
+        lines = [STATUS_LINE[status]]
+        for name, value in [*self.server_state.default_headers, *headers, *([] if keep_alive else [(b"connection", b"close")])]:
+            lines += [name, b": ", value, b"\r\n"]
+        self.transport.write(b"".join([*lines, b"\r\n", body]))
+        self.cycle = _AnsweredHere()  # type: ignore[assignment]
+        if not keep_alive:
+            self.transport.close()
+            return True
+        self._pace(retry_after_s(headers) or 0)
+        self.on_response_complete()
+        return True
+
+    def on_response_complete(self) -> None:
+        if self._pace_s > 0 and not self.transport.is_closing():
+            # Read nothing more until the pause ends; then uvicorn resumes reading and arms its keep-alive timeout.
+            self.flow.pause_reading()
+            self._pace_timer = self.loop.call_later(self._pace_s, self._pace_ended)
+            self._pace_s = 0.0
+            return
+        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        if self._pace_timer is not None:
+            self._pace_timer.cancel()
+            self._pace_timer = None
         super().connection_lost(exc)
+
+    def _pace(self, seconds: float) -> None:
+        self._pace_s = min(max(seconds, 0.0), self._max_pace_s)
+
+    def _pace_ended(self) -> None:
+        self._pace_timer = None
+        super().on_response_complete()
 
     def _start_header_timer(self) -> None:
         self._header_timer = self.loop.call_later(self._header_timeout_s, self._headers_overdue)

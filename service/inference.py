@@ -10,7 +10,7 @@ from typing import TypeVar
 from fastapi import Request
 from fastapi.responses import Response
 
-from .errors import DeadlineExceeded, Overloaded, ServiceError
+from .errors import DeadlineExceeded
 from .images import decode_base64_image, prepare_image, prepare_image_with_source
 from .request_parsing import read_request
 from .state import ServedModel, ServiceState
@@ -35,22 +35,6 @@ async def serve_task(request: Request, state: ServiceState, handler: TaskHandler
             return await asyncio.get_running_loop().run_in_executor(
                 state.decode_pool, handler.respond, model, params, prepared, outputs, media_type)
         return handler.respond(model, params, prepared, outputs, media_type)
-
-
-def refusal_before_reading(state: ServiceState, task: str, name: str | None, *, arrived: float) -> Overloaded | None:
-    """Under overload most requests are refused, and reading and parsing a body is most of what a refusal would
-    cost: the refusal of a request for `task` (and model `name`, when the query string names one) before that, when
-    the model is known without the body (named, or the task's only model) and would refuse a single image even with
-    the server's longest deadline. None: decided after the body is read, with the request's own parameters."""
-    if name is None and sum(model.metadata.task == task for model in state.models.values()) != 1:
-        return None  # the body may name the model
-    try:
-        state.model_for(task, name).batcher.check_capacity(1, request_deadline(state, None, arrived=arrived))
-    except Overloaded as refusal:
-        return refusal
-    except ServiceError:
-        return None  # answered after the body is read, as without overload
-    return None
 
 
 async def prepare_images(state: ServiceState, model: ServedModel, images: list[bytes | str],

@@ -8,10 +8,9 @@ import logging
 import re
 import time
 import uuid
-from urllib.parse import parse_qs
 
 from .errors import PayloadTooLarge, ServiceError, Unauthorized
-from .inference import refusal_before_reading
+from .http_protocol import PACE_CONNECTION, retry_after_s
 from .metrics import Metrics
 from .v2.errors import error_body_for
 
@@ -41,6 +40,8 @@ class RequestContextMiddleware:
                 started_response["sent"] = True
                 status["code"] = message["status"]
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+                if message["status"] == 503:
+                    _pace_if_asked_to_retry(scope, message["headers"])
             await send(message)
 
         try:
@@ -77,6 +78,14 @@ class RequestContextMiddleware:
             return message
 
         return receive_limited
+
+
+def _pace_if_asked_to_retry(scope, headers) -> None:
+    """A refusal that tells the client when to come back paces its connection (see service.http_protocol)."""
+    pace = scope["state"].get(PACE_CONNECTION)  # absent when not served by our protocol (tests in-process)
+    retry_after = retry_after_s(headers)
+    if pace is not None and retry_after is not None:
+        pace(retry_after)
 
 
 def request_id_from(given: str) -> str:
@@ -129,36 +138,5 @@ class ApiKeyMiddleware:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             if not key_matches(api_key_given(headers), self.key):
                 await _send_error(send, Unauthorized(WRONG_KEY), scope["path"])
-                return
-        await self.app(scope, receive, send)
-
-
-class RouteTemplate:
-    """Stands for the route of a request answered before routing: the request-context middleware labels its
-    metrics with `.path`."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-
-class OverloadShedding:
-    """Under overload, a request to a task endpoint whose model would refuse it anyway is refused here, before the
-    body is read and before routing: in a storm of requests that are mostly refused, what each refusal costs decides
-    how much of the event loop is left for the admitted ones (see `refusal_before_reading`). Runs inside the API key
-    check and the request context (still counted, logged and given its request id)."""
-
-    def __init__(self, app, *, state, task_paths: dict[str, str]) -> None:
-        self.app, self.state = app, state
-        self.routes = {path: (task, RouteTemplate(path)) for path, task in task_paths.items()}
-
-    async def __call__(self, scope, receive, send) -> None:
-        route = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if route is not None:
-            task, template = route
-            names = parse_qs(scope["query_string"].decode("latin-1")).get("model")
-            refusal = refusal_before_reading(self.state, task, names[0] if names else None, arrived=scope["state"]["arrived"])
-            if refusal is not None:
-                scope["route"] = template
-                await _send_error(send, refusal, scope["path"])
                 return
         await self.app(scope, receive, send)

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long queued and running work may take, in seconds")
     header_timeout_s: float = Field(10.0, gt=0, description="a connection must send a request's complete headers within "
                                     "this many seconds of opening (or of the request's first byte); else it is closed")
+    refusal_pause_ms: float = Field(1000.0, ge=0, description="after a 503 with Retry-After, the connection is not "
+                                    "read again for this long, or Retry-After if shorter: clients that retry at once "
+                                    "cannot make refusing all the server does; 0: no pause")
     keep_alive_timeout_s: int = Field(5, ge=1, description="an idle kept-alive connection is closed after this many "
                                       "seconds; behind a load balancer, make it longer than the balancer's idle timeout")
 
@@ -193,7 +196,8 @@ class Settings(BaseSettings):
 OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "model repository": ("repo", "models", "pin_versions", "model_control", "repository_poll_s", "version_policy",
                          "variant", "device", "runtime", "precision"),
-    "server": ("host", "port", "grpc_port", "api_key", "drain_timeout_s", "header_timeout_s", "keep_alive_timeout_s"),
+    "server": ("host", "port", "grpc_port", "api_key", "drain_timeout_s", "header_timeout_s", "keep_alive_timeout_s",
+               "refusal_pause_ms"),
     "request limits": ("timeout_ms", "max_body_bytes", "max_images_per_request", "max_pixels"),
     "batching": ("max_batch_size", "max_delay_ms", "max_queue_images", "max_queue_delay_ms", "instances"),
     "CPU threads": ("intra_op_threads", "solo_all_cores", "intra_op_spin_us", "decode_threads"),
