@@ -127,7 +127,8 @@ def describe_model(model: ServedModel, settings: Settings, versions: list[dict])
         "runtime": loaded.runtime, "provider": loaded.provider, "variant": loaded.variant, "precision": loaded.precision,
         "batching": {"max_batch_size": model.max_batch_size, "max_delay_ms": settings.max_delay_ms,
                      "max_queue_images": settings.max_queue_images,
-                     "max_queue_delay_ms": settings.max_queue_delay_ms, "instances": model.batcher.instances},
+                     "max_queue_delay_ms": settings.max_queue_delay_ms, "instances": model.batcher.instances,
+                     "queue_delay_bound_ms": model.batcher.queue_delay_bound_ms},  # in force now (auto follows batches)
     }
 
 

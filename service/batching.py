@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Protocol
 
 from service.errors import DeadlineExceeded, InferenceFailed, NotReady, ServiceError
-from service.request_queue import QueuedRequest, RequestQueue, Reservation, Slice
+from service.request_queue import AUTO, QueuedRequest, RequestQueue, Reservation, Slice
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +109,15 @@ class MicroBatcher:
         max_batch_size: int,
         max_delay_ms: float,
         max_queue_images: int,
-        max_queue_delay_ms: float | None = None,
+        max_queue_delay_ms: float | str | None = None,  # or request_queue.AUTO
         observer: BatchObserver | None = None,
         name: str = "model",
         instances: int = 1,
         run_alone: Callable[[list[Any]], list[Any]] | None = None,
         probe_after_ms: float = 5.0,
     ) -> None:
-        if max_batch_size < 1 or max_queue_images < 1 or max_delay_ms < 0 or instances < 1 or (max_queue_delay_ms or 0) < 0:
+        if max_batch_size < 1 or max_queue_images < 1 or max_delay_ms < 0 or instances < 1 or (
+                max_queue_delay_ms != AUTO and (max_queue_delay_ms or 0) < 0):
             raise ValueError("max_batch_size, max_queue_images and instances must be >= 1, max_delay_ms and "
                              "max_queue_delay_ms >= 0")
         self.name = name
@@ -132,7 +133,8 @@ class MicroBatcher:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._queue = RequestQueue(name=name, max_images=max_queue_images, max_batch_size=max_batch_size,
                                    instances=instances,
-                                   max_delay_s=None if max_queue_delay_ms is None else max_queue_delay_ms / 1000)
+                                   max_delay_s=max_queue_delay_ms if max_queue_delay_ms in (None, AUTO)
+                                   else max_queue_delay_ms / 1000)
         # Dispatch order: the first `instances` batches are running, one more may be staged behind them.
         self._in_flight: collections.deque[_Batch] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -159,6 +161,12 @@ class MicroBatcher:
 
     def _staged_images(self) -> int:
         return sum(batch.size for batch in list(self._in_flight)[self.instances:])
+
+    @property
+    def queue_delay_bound_ms(self) -> float | None:
+        """The queue's time bound in force now (see `RequestQueue.delay_bound_s`)."""
+        bound = self._queue.delay_bound_s()
+        return None if bound is None else round(bound * 1000, 1)
 
     @property
     def busy(self) -> bool:

@@ -24,6 +24,12 @@ from typing import Any
 
 from service.errors import Overloaded
 
+AUTO = "auto"  # a time bound that follows the model's batch time (`RequestQueue.delay_bound_s`)
+# The automatic time bound: this many full batches per instance, and never under a second. A bound of a fixed time
+# refuses a slow model at normal load (ViT-Base on 2 cores: a full batch of 4 takes ~1.5 s, so 1 s of queued work is
+# less than one batch per instance, and c=16 was refused) while a fast one queues hundreds of batches.
+AUTO_BOUND_BATCHES = 4
+AUTO_BOUND_FLOOR_S = 1.0
 _RECENT_BATCH_WEIGHT = 0.2  # of the latest batch in the running averages of batch times
 _MAX_RETRY_AFTER_S = 60
 _DISCONNECT_PROBE_TIMEOUT_S = 0.1  # a well-behaved probe answers at once; a stuck one must not stall batching
@@ -100,10 +106,11 @@ class RequestQueue:
     counted by its owner and passed to `refusal` as `staged`, and the batches running as `running`."""
 
     def __init__(self, *, name: str, max_images: int, max_batch_size: int, instances: int,
-                 max_delay_s: float | None = None) -> None:
+                 max_delay_s: float | str | None = None) -> None:
         self.name = name  # of the model, for messages
         self.max_images = max_images
-        self.max_delay_s = max_delay_s  # the most work, in seconds, a request may find ahead of it; None: no bound
+        # the most work, in seconds, a request may find ahead of it; AUTO: follows the batch time; None: no bound
+        self.max_delay_s = max_delay_s
         self.max_batch_size = max_batch_size
         self._instances = instances  # batches that run side by side: the queue drains that much faster
         self._requests: collections.deque[QueuedRequest] = collections.deque()
@@ -172,6 +179,14 @@ class RequestQueue:
             first = sum(self.batch_s(size) for size in running) / 2 / self._instances + self.drain_s(waiting)
         return first, self._to_queue_s + first + self.drain_s(max(0, images - self.max_batch_size))
 
+    def delay_bound_s(self) -> float | None:
+        """The time bound in force: the configured one, or with AUTO `AUTO_BOUND_BATCHES` full batches per instance
+        (at least `AUTO_BOUND_FLOOR_S`; None until a batch was timed)."""
+        if self.max_delay_s != AUTO:
+            return self.max_delay_s
+        full = self.batch_s(self.max_batch_size)
+        return None if full is None else max(AUTO_BOUND_FLOOR_S, AUTO_BOUND_BATCHES * full)
+
     def refusal(self, images: int, *, staged: int = 0, running: Sequence[int] = (),
                 deadline_in_s: float | None = None) -> Overloaded | None:
         """Why `images` more cannot be admitted now (with Retry-After), or None when they may be.
@@ -192,9 +207,10 @@ class RequestQueue:
             return None
         first, last = wait
         keeps_instances_busy = waiting + images <= self._instances * self.max_batch_size
-        if self.max_delay_s is not None and first > self.max_delay_s and not keeps_instances_busy:
+        bound = self.delay_bound_s()
+        if bound is not None and first > bound and not keeps_instances_busy:
             return Overloaded(f"model '{self.name}' has about {first * 1000:.0f} ms of work queued (the limit is "
-                              f"{self.max_delay_s * 1000:.0f} ms)", retry_after_s=retry_after, reason="queue_delay")
+                              f"{bound * 1000:.0f} ms)", retry_after_s=retry_after, reason="queue_delay")
         if deadline_in_s is not None and last > deadline_in_s:
             return Overloaded(f"model '{self.name}' would start this request in about {last * 1000:.0f} ms, after its "
                               f"deadline ({max(deadline_in_s, 0) * 1000:.0f} ms away)",

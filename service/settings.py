@@ -79,10 +79,11 @@ class Settings(BaseSettings):
                                        "smallest of 1, 2, 4, 8 with the best time per image, timed at start)")
     max_delay_ms: float = Field(2.0, ge=0, description="longest wait to fill a batch, only while the model is busy anyway")
     max_queue_images: int = Field(256, ge=1, description="queued images per model before requests are refused with 503")
-    max_queue_delay_ms: float | None = Field(1000.0, ge=0, description="a request that would find more than this much "
-                                             "work queued ahead of it (estimated from recent batch times) is refused "
-                                             "at once with 503; null: no time bound. Whatever this says, a request "
-                                             "that would not start before its own deadline is refused too")
+    max_queue_delay_ms: float | Literal["auto"] | None = Field(
+        "auto", description="a request that would find more than this much work queued ahead of it (estimated from "
+        "recent batch times) is refused at once with 503. auto: 4 full batches per instance, at least 1000 ms (it "
+        "follows the model's batch time); null: no time bound. Whatever this says, a request that would not start "
+        "before its own deadline is refused too")
     instances: int | None = Field(None, ge=1, description="batches of one model that run at once, each in its own thread "
                                   "(default: 1 on CUDA, 2 on a multi-core CPU, else 1: see the README's benchmarks)")
 
@@ -146,6 +147,13 @@ class Settings(BaseSettings):
             raise ValueError("the openvino runtime needs the openvino extra, which is not installed: "
                              "pip install 'vitserve[openvino]', or use --runtime onnxruntime")
         return runtime
+
+    @field_validator("max_queue_delay_ms")
+    @classmethod
+    def _a_time_bound_is_not_negative(cls, value):
+        if isinstance(value, float) and value < 0:
+            raise ValueError("must be >= 0, auto or null")
+        return value
 
     @model_validator(mode="after")
     def _runtime_device_and_precision_agree(self) -> "Settings":

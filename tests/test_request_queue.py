@@ -11,7 +11,7 @@ from batcher_harness import FakeModel, RecordingObserver, hold_runner, run, unti
 
 from service.batching import ClientDisconnected
 from service.errors import DeadlineExceeded, Overloaded
-from service.request_queue import QueuedRequest, RequestQueue
+from service.request_queue import AUTO, QueuedRequest, RequestQueue
 
 
 @pytest.fixture
@@ -91,6 +91,21 @@ def test_refusal_bounds_the_work_ahead_in_time(loop):
     queued(loop, unbounded, range(11))
     unbounded.record_batch(4, 0.4)
     assert unbounded.refusal(1) is None  # without a time bound, only the image bound and deadlines refuse
+
+
+def test_the_automatic_time_bound_is_four_full_batches_per_instance_and_at_least_a_second(loop):
+    slow = RequestQueue(name="vit-base", max_images=256, max_batch_size=4, instances=2, max_delay_s=AUTO)
+    assert slow.delay_bound_s() is None  # nothing timed yet
+    slow.record_batch(4, 1.5)  # ViT-Base-like: a full batch per instance takes 1.5 s
+    assert slow.delay_bound_s() == pytest.approx(6.0)
+    queued(loop, slow, range(14))  # c=16 at this model: 14 images waiting behind two running batches
+    assert slow.refusal(1, running=[4, 4]) is None  # about 3.4 s ahead, under 6 s: normal load is not refused
+    queued(loop, slow, range(17))  # 31 waiting: about 6.6 s ahead
+    refused = slow.refusal(1, running=[4, 4])
+    assert refused.reason == "queue_delay" and "limit is 6000 ms" in refused.message
+    fast = RequestQueue(name="vit-tiny", max_images=256, max_batch_size=8, instances=2, max_delay_s=AUTO)
+    fast.record_batch(8, 0.05)
+    assert fast.delay_bound_s() == 1.0  # 4 x 50 ms is under the floor
 
 
 def test_the_time_bound_never_starves_the_instances(loop):
