@@ -4,24 +4,27 @@
 #   docker build -t vitserve .                                   # no model inside: mount one at /models
 #   docker run --rm -p 8000:8000 -p 8001:8001 -v "$PWD/models:/models:ro" vitserve
 #   docker build --build-arg MODELS=models -t vitserve:demo .    # bake ./models (run `make models` first)
+#   docker build --build-arg EXTRAS=serve,grpc,openvino -t vitserve:openvino .   # with the OpenVINO runtime too
 #
 # Settings are VITSERVE_* environment variables (README, "Configuration"); `docker run IMAGE vit-serve --help`.
 ARG PYTHON_IMAGE=python:3.11-slim
 
 # ---- builder: a virtual environment with the serving install, nothing else ----
 FROM ${PYTHON_IMAGE} AS builder
+# The extras installed: the serving image has onnxruntime only; add `openvino` for --runtime openvino (README, "Runtimes").
+ARG EXTRAS=serve,grpc
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Dependencies first, read from pyproject's `serve` and `grpc` extras, so that a code change does not reinstall them.
+# Dependencies first, read from pyproject's extras, so that a code change does not reinstall them.
 COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print('\n'.join(extras['serve'] + extras['grpc']))" > requirements-serve.txt \
+RUN python -c "import sys, tomllib; extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; print('\n'.join(r for e in sys.argv[1].split(',') for r in extras[e]))" "${EXTRAS}" > requirements-serve.txt \
  && /opt/venv/bin/pip install --no-cache-dir -r requirements-serve.txt
 # Only the service and the torch-free packages under it are copied: model/ and export/ (torch) never enter the image.
 COPY modelrepo/ modelrepo/
 COPY imageprep/ imageprep/
 COPY service/ service/
-RUN /opt/venv/bin/pip install --no-cache-dir ".[serve,grpc]" \
+RUN /opt/venv/bin/pip install --no-cache-dir ".[${EXTRAS}]" \
  && /opt/venv/bin/pip uninstall --yes setuptools pip \
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {} +
 

@@ -99,7 +99,11 @@ class ServerProtocol(HttpToolsProtocol):
         path = url.path.decode("ascii")
         path = urllib.parse.unquote(path) if "%" in path else path
         client = self.client[0] if self.client else "-"
-        answer = self._refuse_early("POST", path, url.query or b"", self.headers, client)
+        try:
+            answer = self._refuse_early("POST", path, url.query or b"", self.headers, client)
+        except Exception:  # a bug here must not turn requests into 400s (the parser's error): the app decides
+            self.logger.exception("the early refusal check failed; the app decides instead")
+            return False
         if answer is None:
             return False
         status, headers, body = answer

@@ -268,6 +268,29 @@ def test_a_request_that_would_wait_past_the_queue_time_bound_is_refused_at_once(
         assert srv.stop() == 0
 
 
+def test_v2_requests_the_model_would_refuse_get_503_in_the_v2_shape_and_are_counted(repo):
+    srv = Server(repo, max_queue_delay_ms="0", max_batch_size="1", instances="1")
+    body = {"inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES",
+                        "data": [base64.b64encode(shapes(1)[0]).decode()]}]}
+
+    def one(_):
+        with httpx.Client(base_url=srv.url, timeout=30) as http:  # a connection each: a refused one is paced
+            return http.post("/v2/models/shapes/infer", json=body)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(one, range(60)))
+        assert {r.status_code for r in responses} == {200, 503}
+        for refused in (r for r in responses if r.status_code == 503):
+            assert set(refused.json()) == {"error"} and "ms of work queued" in refused.json()["error"]
+            assert int(refused.headers["retry-after"]) >= 1 and refused.headers["x-request-id"]
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        assert 'vitserve_requests_total{method="POST",route="/v2/models/{model_name}/infer",status="503"}' in metrics
+        assert httpx.get(f"{srv.url}/v2/health/live").status_code == 200
+    finally:
+        assert srv.stop() == 0
+
+
 def test_settings_that_cannot_work_stop_the_server_with_a_clear_message(repo, tmp_path):
     result = subprocess.run([VIT_SERVE, "--repo", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "is not a directory" in result.stderr
