@@ -55,7 +55,10 @@ def retry_after_s(headers: Headers) -> int | None:
 class _AnsweredHere:
     """Stands in for uvicorn's request cycle once the protocol answered a request itself: the body is dropped."""
 
-    response_complete, disconnected, keep_alive = True, False, False
+    disconnected, keep_alive = False, False
+
+    def __init__(self) -> None:
+        self.response_complete = True  # uvicorn drops the body of a complete cycle
 
     class message_event:  # noqa: N801 - uvicorn calls .set() on it when the connection is lost
         @staticmethod
@@ -86,8 +89,13 @@ class ServerProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
-        if not self._answered_early():
-            super().on_headers_complete()
+        if self._pace_timer is not None:
+            # Read in the same chunk as the request that was paced: it must wait for the pause as if read after it,
+            # so uvicorn is told the connection is busy and queues it as a pipelined request (started at the end).
+            self.cycle.response_complete = False
+        elif self._answered_early():
+            return
+        super().on_headers_complete()
 
     def _answered_early(self) -> bool:
         """Asks the early refusal hook about a POST (not pipelined behind an unanswered one); writes its answer."""
@@ -107,8 +115,10 @@ class ServerProtocol(HttpToolsProtocol):
         if answer is None:
             return False
         status, headers, body = answer
-        # A client waiting for 100-continue has not sent its body: closing is the clean way not to read it.
-        keep_alive = self.parser.should_keep_alive() and not self.expect_100_continue
+        # Kept alive as uvicorn would (never HTTP/1.0), unless the body is not read cleanly: a client waiting for
+        # 100-continue has not sent it, and a chunked one has no length, so dropping it has no bound.
+        keep_alive = (self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+                      and not self.expect_100_continue and any(name == b"content-length" for name, _ in self.headers))
         lines = [STATUS_LINE[status]]
         for name, value in [*self.server_state.default_headers, *headers, *([] if keep_alive else [(b"connection", b"close")])]:
             lines += [name, b": ", value, b"\r\n"]
@@ -122,6 +132,9 @@ class ServerProtocol(HttpToolsProtocol):
         return True
 
     def on_response_complete(self) -> None:
+        if self._pace_timer is not None:  # not expected (nothing runs during a pause); one timer at a time
+            self._pace_timer.cancel()
+            self._pace_timer = None
         if self._pace_s > 0 and not self.transport.is_closing():
             # Read nothing more until the pause ends; then uvicorn resumes reading and arms its keep-alive timeout.
             self.flow.pause_reading()

@@ -14,6 +14,7 @@ from .batching import MicroBatcher
 from .metrics import Metrics
 from .repository import ModelVersion
 from .runtime import CPU, CUDA, load_model, wants_cuda
+from .priority import in_inference_thread
 from .served import ServedModel
 from .settings import Settings
 
@@ -23,7 +24,7 @@ log = logging.getLogger("vitserve")
 async def start_version(settings: Settings, metrics: Metrics, entry: ModelVersion) -> ServedModel:
     """Everything a version needs before its first request; the blocking part runs in a worker thread."""
     started = time.perf_counter()
-    served = await asyncio.to_thread(_open_version, settings, metrics, entry)
+    served = await in_inference_thread(_open_version, settings, metrics, entry)  # its thread pools inherit the priority
     await served.batcher.start()
     served.load_s = time.perf_counter() - started
     return served

@@ -24,11 +24,11 @@ from typing import Any
 
 from service.errors import Overloaded
 
-AUTO = "auto"  # a time bound that follows the model's batch time (`RequestQueue.delay_bound_s`)
-# The automatic time bound: this many full batches per instance, and never under a second. A bound of a fixed time
-# refuses a slow model at normal load (ViT-Base on 2 cores: a full batch of 4 takes ~1.5 s, so 1 s of queued work is
-# less than one batch per instance, and c=16 was refused) while a fast one queues hundreds of batches.
-AUTO_BOUND_BATCHES = 4
+AUTO = "auto"  # a time bound that follows the model's speed (`RequestQueue.delay_bound_s`)
+# The automatic time bound: the time the instances take to run this many images each, and never under a second. A
+# fixed time refuses a slow model at normal load (ViT-Base on 2 cores runs about 10 images/s, one at a time: at c=16,
+# 1 s of queued work was exceeded and 16% of requests were refused) while a fast one queues hundreds of batches.
+AUTO_BOUND_IMAGES_PER_INSTANCE = 16
 AUTO_BOUND_FLOOR_S = 1.0
 _RECENT_BATCH_WEIGHT = 0.2  # of the latest batch in the running averages of batch times
 _MAX_RETRY_AFTER_S = 60
@@ -180,12 +180,13 @@ class RequestQueue:
         return first, self._to_queue_s + first + self.drain_s(max(0, images - self.max_batch_size))
 
     def delay_bound_s(self) -> float | None:
-        """The time bound in force: the configured one, or with AUTO `AUTO_BOUND_BATCHES` full batches per instance
-        (at least `AUTO_BOUND_FLOOR_S`; None until a batch was timed)."""
+        """The time bound in force: the configured one, or with AUTO the time to run `AUTO_BOUND_IMAGES_PER_INSTANCE`
+        images per instance (at least `AUTO_BOUND_FLOOR_S`; None until a batch was timed)."""
         if self.max_delay_s != AUTO:
             return self.max_delay_s
-        full = self.batch_s(self.max_batch_size)
-        return None if full is None else max(AUTO_BOUND_FLOOR_S, AUTO_BOUND_BATCHES * full)
+        if not self._batch_s:
+            return None
+        return max(AUTO_BOUND_FLOOR_S, self.drain_s(AUTO_BOUND_IMAGES_PER_INSTANCE * self._instances))
 
     def refusal(self, images: int, *, staged: int = 0, running: Sequence[int] = (),
                 deadline_in_s: float | None = None) -> Overloaded | None:

@@ -81,8 +81,8 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(256, ge=1, description="queued images per model before requests are refused with 503")
     max_queue_delay_ms: float | Literal["auto"] | None = Field(
         "auto", description="a request that would find more than this much work queued ahead of it (estimated from "
-        "recent batch times) is refused at once with 503. auto: 4 full batches per instance, at least 1000 ms (it "
-        "follows the model's batch time); null: no time bound. Whatever this says, a request that would not start "
+        "recent batch times) is refused at once with 503. auto: the time to run 16 images per instance, at least "
+        "1000 ms (it follows the model's speed); null: no time bound. Whatever this says, a request that would not start "
         "before its own deadline is refused too")
     instances: int | None = Field(None, ge=1, description="batches of one model that run at once, each in its own thread "
                                   "(default: 1 on CUDA, 2 on a multi-core CPU, else 1: see the README's benchmarks)")

@@ -27,6 +27,10 @@ _V2_INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/
 _V2_INFER_ROUTES = ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{model_version}/infer")
 
 
+class _BodyMayDecide(Exception):
+    """Several versions are served and the body may name one: refusing for the newest would be wrong."""
+
+
 class EarlyRefusals:
     def __init__(self, state: ServiceState, metrics: Metrics, *, tasks: list[str], api_key: str | None) -> None:
         self.state, self.metrics = state, metrics
@@ -51,23 +55,32 @@ class EarlyRefusals:
             model_of().batcher.check_capacity(1, request_deadline(self.state, None, arrived=arrived))
         except Overloaded as refusal:
             return self._answer(refusal, path, route, named, client, started)
-        except ServiceError:
-            return None  # an unknown model, or shutting down: the app answers as without overload
+        except (ServiceError, _BodyMayDecide):
+            return None  # an unknown model, shutting down, or a version the body may name: the app decides
         return None
 
     def _route_and_model(self, path: str, query: bytes):
         """The route template and how to find the model, when the URL names it; else None."""
         task = self.task_paths.get(path)
         if task is not None:
-            names = parse_qs(query.decode("latin-1")).get("model")
-            if names is None and sum(m.metadata.task == task for m in self.state.models.values()) != 1:
+            params = parse_qs(query.decode("latin-1"), keep_blank_values=True)
+            names = params.get("model", [])
+            if "version" in params or len(names) > 1 or names == [""]:
+                return None  # the app answers these (a version may be idle while the newest is busy; bad parameters)
+            if not names and sum(m.metadata.task == task for m in self.state.models.values()) != 1:
                 return None  # the body may name the model
-            return path, lambda: self.state.model_for(task, names[0] if names else None)
+            return path, lambda: self._newest_only(self.state.model_for(task, names[0] if names else None))
         v2 = _V2_INFER.match(path)
         if v2 is not None:
             name, version = v2["name"], v2["version"]
             return _V2_INFER_ROUTES[version is not None], lambda: served_model(self.state, name, version)
         return None
+
+    def _newest_only(self, model):
+        """The model, when the body cannot ask for another of its versions (only one is served)."""
+        if len(self.state.control.served_versions(model.name)) > 1:
+            raise _BodyMayDecide
+        return model
 
     def _answer(self, refusal: Overloaded, path: str, route: str, headers: dict[str, str], client: str,
                 started: float) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

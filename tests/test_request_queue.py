@@ -93,19 +93,19 @@ def test_refusal_bounds_the_work_ahead_in_time(loop):
     assert unbounded.refusal(1) is None  # without a time bound, only the image bound and deadlines refuse
 
 
-def test_the_automatic_time_bound_is_four_full_batches_per_instance_and_at_least_a_second(loop):
-    slow = RequestQueue(name="vit-base", max_images=256, max_batch_size=4, instances=2, max_delay_s=AUTO)
+def test_the_automatic_time_bound_is_sixteen_images_per_instance_and_at_least_a_second(loop):
+    slow = RequestQueue(name="vit-base", max_images=256, max_batch_size=1, instances=2, max_delay_s=AUTO)
     assert slow.delay_bound_s() is None  # nothing timed yet
-    slow.record_batch(4, 1.5)  # ViT-Base-like: a full batch per instance takes 1.5 s
-    assert slow.delay_bound_s() == pytest.approx(6.0)
-    queued(loop, slow, range(14))  # c=16 at this model: 14 images waiting behind two running batches
-    assert slow.refusal(1, running=[4, 4]) is None  # about 3.4 s ahead, under 6 s: normal load is not refused
-    queued(loop, slow, range(17))  # 31 waiting: about 6.6 s ahead
-    refused = slow.refusal(1, running=[4, 4])
-    assert refused.reason == "queue_delay" and "limit is 6000 ms" in refused.message
+    slow.record_batch(1, 0.19)  # ViT-Base-like on 2 cores: one image at a time, 0.19 s per instance
+    assert slow.delay_bound_s() == pytest.approx(16 * 0.19)
+    queued(loop, slow, range(14))  # c=16 at this model: 14 images waiting behind two running ones
+    assert slow.refusal(1, running=[1, 1]) is None  # about 1.5 s ahead: normal load is not refused
+    queued(loop, slow, range(18))  # 32 waiting: about 3.2 s ahead
+    refused = slow.refusal(1, running=[1, 1])
+    assert refused.reason == "queue_delay" and "limit is 3040 ms" in refused.message
     fast = RequestQueue(name="vit-tiny", max_images=256, max_batch_size=8, instances=2, max_delay_s=AUTO)
-    fast.record_batch(8, 0.05)
-    assert fast.delay_bound_s() == 1.0  # 4 x 50 ms is under the floor
+    fast.record_batch(8, 0.15)
+    assert fast.delay_bound_s() == 1.0  # 16 images per instance take 0.3 s: under the floor
 
 
 def test_the_time_bound_never_starves_the_instances(loop):

@@ -268,19 +268,23 @@ def test_a_request_that_would_wait_past_the_queue_time_bound_is_refused_at_once(
         assert srv.stop() == 0
 
 
-def test_v2_requests_the_model_would_refuse_get_503_in_the_v2_shape_and_are_counted(repo):
+def test_v2_requests_the_model_would_refuse_are_refused_before_their_body_is_read(repo):
     srv = Server(repo, max_queue_delay_ms="0", max_batch_size="1", instances="1")
     body = {"inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES",
                         "data": [base64.b64encode(shapes(1)[0]).decode()]}]}
 
-    def one(_):
+    def one(index):
         with httpx.Client(base_url=srv.url, timeout=30) as http:  # a connection each: a refused one is paced
+            if index % 2:  # a body the app would answer 400: a 503 shows the request was refused before it was read
+                return http.post("/v2/models/shapes/infer", content=b"not json", headers={"content-type": "application/json"})
             return http.post("/v2/models/shapes/infer", json=body)
 
     try:
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
-            responses = list(pool.map(one, range(60)))
-        assert {r.status_code for r in responses} == {200, 503}
+            responses = list(pool.map(one, range(80)))
+        valid, invalid = responses[::2], responses[1::2]
+        assert {r.status_code for r in valid} == {200, 503}
+        assert {r.status_code for r in invalid} == {400, 503}
         for refused in (r for r in responses if r.status_code == 503):
             assert set(refused.json()) == {"error"} and "ms of work queued" in refused.json()["error"]
             assert int(refused.headers["retry-after"]) >= 1 and refused.headers["x-request-id"]
