@@ -147,6 +147,10 @@ class MicroBatcher:
     def _staged_images(self) -> int:
         return sum(batch.size for batch in list(self._in_flight)[self.instances:])
 
+    def expect_batch_time(self, size: int, seconds: float) -> None:
+        """A batch time measured outside the batcher (at start): a first estimate, refined by the batches that run."""
+        self._queue.record_batch(size, seconds)
+
     @property
     def queue_delay_bound_ms(self) -> float | None:
         """The queue's time bound in force now (see `RequestQueue.delay_bound_s`)."""

@@ -36,7 +36,7 @@ def _open_version(settings: Settings, metrics: Metrics, entry: ModelVersion) -> 
                         intra_op_threads=settings.intra_op_threads_for(instances), spin_us=settings.intra_op_spin_us,
                         solo_threads=settings.solo_threads_for(instances) if instances > 1 and settings.solo_all_cores else None,
                         runtime=settings.runtime, precision=settings.precision, instances=instances)
-    max_batch = settings.batch_size_for(loaded.provider)
+    max_batch, per_image = settings.batch_size_for(loaded.provider), {}
     if max_batch is None:
         max_batch, per_image = loaded.efficient_batch_size()
         max_batch = min(max_batch, settings.max_queue_images)  # a batch must be able to fill
@@ -48,6 +48,11 @@ def _open_version(settings: Settings, metrics: Metrics, entry: ModelVersion) -> 
                            observer=metrics.observer(entry.name),
                            name=entry.name, instances=instances,
                            run_alone=lambda items: loaded.run_items(items, alone=True))
+    # The batch sizes timed at start are the queue's first estimates: admission by time holds from the first request
+    # (a burst at start, or onto a version swapped in under load, is not all admitted before a batch has run).
+    for size, seconds_per_image in per_image.items():
+        if size <= max_batch:
+            batcher.expect_batch_time(size, seconds_per_image * size)
     return ServedModel(loaded, batcher, max_batch)
 
 

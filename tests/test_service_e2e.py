@@ -323,6 +323,8 @@ def test_sigterm_during_load_answers_every_admitted_request(repo):
     images = files(shapes(4))
     batching = {m["name"]: m["batching"] for m in httpx.get(f"{srv.url}/models").json()["models"]}
     assert batching["shapes"]["max_batch_size"] in (1, 2, 4, 8)  # unset on a CPU: timed at start
+    # the auto time bound is known before any request: the batch times measured at start are its first estimates
+    assert batching["shapes"]["max_queue_delay_ms"] == "auto" and batching["shapes"]["queue_delay_bound_ms"] >= 1000
 
     def one(_):
         try:
