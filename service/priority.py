@@ -9,6 +9,7 @@ goodput unchanged."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
 from collections.abc import Callable
@@ -25,27 +26,10 @@ def lower_this_thread() -> None:
         pass
 
 
+_opening = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="open-model", initializer=lower_this_thread)
+
+
 async def in_inference_thread(function: Callable[..., T], *args) -> T:
-    """`function(*args)` in a new thread at the inference priority (threads it creates inherit it)."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future = loop.create_future()
-
-    def settle(result=None, error: BaseException | None = None) -> None:
-        if done.done():  # the caller was cancelled
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)
-
-    def target() -> None:
-        lower_this_thread()
-        try:
-            result = function(*args)
-        except BaseException as error:  # noqa: BLE001 - handed to the awaiting caller
-            loop.call_soon_threadsafe(settle, None, error)
-        else:
-            loop.call_soon_threadsafe(settle, result)
-
-    threading.Thread(target=target, name="open-model", daemon=True).start()
-    return await done
+    """`function(*args)` in a thread at the inference priority (threads it creates inherit it). One long-lived
+    thread: onnxruntime aborted the process at exit when the thread that created a session's pool had ended."""
+    return await asyncio.get_running_loop().run_in_executor(_opening, function, *args)

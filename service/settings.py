@@ -64,7 +64,7 @@ class Settings(BaseSettings):
                                     "this many seconds of opening (or of the request's first byte); else it is closed")
     refusal_pause_ms: float = Field(1000.0, ge=0, description="after a 503 with Retry-After, the connection is not "
                                     "read again for this long, or Retry-After if shorter: clients that retry at once "
-                                    "cannot make refusing all the server does; 0: no pause")
+                                    "cannot make refusing all the server does; 0: no pause (behind a proxy that pools its connections)")
     keep_alive_timeout_s: int = Field(5, ge=1, description="an idle kept-alive connection is closed after this many "
                                       "seconds; behind a load balancer, make it longer than the balancer's idle timeout")
 
