@@ -31,8 +31,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 PACE_CONNECTION = "vitserve.pace_connection"  # scope["state"] key: call it with seconds to pause reading after the answer
 
 Headers = list[tuple[bytes, bytes]]
-# (method, path, query string, headers, client address) -> (status, headers, body) to answer now, or None
-EarlyRefusal = Callable[[str, str, bytes, Headers, str], tuple[int, Headers, bytes] | None]
+# A POST's (path, query string, headers, client address) -> (status, headers, body) to answer now, or None
+EarlyRefusal = Callable[[str, bytes, Headers, str], tuple[int, Headers, bytes] | None]
 
 
 class ServerConfig(uvicorn.Config):
@@ -108,7 +108,7 @@ class ServerProtocol(HttpToolsProtocol):
         path = urllib.parse.unquote(path) if "%" in path else path
         client = self.client[0] if self.client else "-"
         try:
-            answer = self._refuse_early("POST", path, url.query or b"", self.headers, client)
+            answer = self._refuse_early(path, url.query or b"", self.headers, client)
         except Exception:  # a bug here must not turn requests into 400s (the parser's error): the app decides
             self.logger.exception("the early refusal check failed; the app decides instead")
             return False

@@ -13,8 +13,8 @@ import time
 from .batching import MicroBatcher
 from .metrics import Metrics
 from .repository import ModelVersion
-from .runtime import CPU, CUDA, load_model, wants_cuda
 from .priority import in_inference_thread
+from .runtime import CPU, CUDA, load_model, wants_cuda
 from .served import ServedModel
 from .settings import Settings
 

@@ -42,7 +42,7 @@ async def app(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def refuse_early(method, path, query, headers, client):
+def refuse_early(path, query, headers, client):
     return REFUSED if path == "/early" else None
 
 
