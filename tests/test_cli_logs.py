@@ -192,3 +192,10 @@ def test_a_json_line_keeps_a_traceback_and_the_record_fields_on_one_line():
     entry = json.loads(line)
     assert entry["message"] == "failed x" and entry["request_id"] == "r1" and entry["level"] == "error"
     assert "Traceback" in entry["exception"] and "ValueError: boom" in entry["exception"]
+
+
+def test_a_negative_queue_time_bound_or_refusal_pause_exits_2_naming_the_option(tmp_path):
+    result = run_vit_serve("--repo", str(tmp_path), "--max-queue-delay-ms", "-1")
+    assert result.returncode == 2 and "--max-queue-delay-ms" in result.stderr and "auto or null" in result.stderr
+    result = run_vit_serve("--repo", str(tmp_path), VITSERVE_REFUSAL_PAUSE_MS="-5")
+    assert result.returncode == 2 and "VITSERVE_REFUSAL_PAUSE_MS" in result.stderr
