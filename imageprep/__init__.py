@@ -20,7 +20,6 @@ from .prepare import prepare
 from .resize import (
     DEFAULT_CROP_FRACTION,
     DEFAULT_INTERPOLATION,
-    MAX_INTERMEDIATE_FACTOR,
     RESAMPLING,
     ResizeSpec,
     resize_for_model,
@@ -28,7 +27,7 @@ from .resize import (
 )
 
 __all__ = [
-    "DEFAULT_CROP_FRACTION", "DEFAULT_INTERPOLATION", "MAX_INTERMEDIATE_FACTOR", "RESAMPLING", "SUPPORTED_FORMATS",
+    "DEFAULT_CROP_FRACTION", "DEFAULT_INTERPOLATION", "RESAMPLING", "SUPPORTED_FORMATS",
     "SUPPORTED_NAMES", "ImageDecodeError", "ImageError", "ImageLimits", "ImageTooLarge", "ResizeSpec", "decode_bytes",
     "decode_path", "prepare", "resize_for_model", "source_box", "to_rgb",
 ]

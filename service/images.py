@@ -23,11 +23,11 @@ import numpy as np
 from PIL import Image
 
 import imageprep
-from imageprep import MAX_INTERMEDIATE_FACTOR, ResizeSpec, resize_for_model
+from imageprep import ResizeSpec, resize_for_model
 from service.errors import InvalidImage, PayloadTooLarge
 
 __all__ = [
-    "MAX_INTERMEDIATE_FACTOR", "ImageLimits", "ResizeSpec", "decode_base64_image", "decode_image", "encode_png",
+    "ImageLimits", "ResizeSpec", "decode_base64_image", "decode_image", "encode_png",
     "prepare_image", "resize_for_model",
 ]
 

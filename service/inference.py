@@ -4,13 +4,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from .errors import DeadlineExceeded
+from .http_protocol import CLIENT_GONE
 from .images import decode_base64_image, prepare_image, prepare_image_with_source
 from .request_parsing import read_request
 from .state import ServedModel, ServiceState
@@ -29,12 +30,24 @@ async def serve_task(request: Request, state: ServiceState, handler: TaskHandler
         with model.batcher.admit(len(images), deadline) as admission:  # refused now, before any decoding
             prepared = await prepare_images(state, model, images, keep_source=handler.keeps_source(params))
             work = handler.batch_work(prepared, params, model)
-            outputs = await model.batcher.submit(work.items, deadline=deadline, is_disconnected=request.is_disconnected,
+            outputs = await model.batcher.submit(work.items, deadline=deadline, is_disconnected=disconnect_probe(request),
                                                  batch_key=work.batch_key, admission=admission)
         if handler.responds_off_loop(params):
             return await asyncio.get_running_loop().run_in_executor(
                 state.decode_pool, handler.respond, model, params, prepared, outputs, media_type)
         return handler.respond(model, params, prepared, outputs, media_type)
+
+
+def disconnect_probe(request: Request) -> Callable[[], Awaitable[bool]]:
+    """How the batcher asks whether a queued request's client has gone: our protocol's flag when it serves the
+    request (service.http_protocol), else Starlette's probe (an in-process ASGI client)."""
+    client_gone = request.scope["state"].get(CLIENT_GONE)
+    if client_gone is None:
+        return request.is_disconnected
+
+    async def probe() -> bool:
+        return client_gone()
+    return probe
 
 
 async def prepare_images(state: ServiceState, model: ServedModel, images: list[bytes | str],

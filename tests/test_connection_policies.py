@@ -15,7 +15,7 @@ import time
 import pytest
 import uvicorn
 
-from service.http_protocol import ServerConfig
+from service.http_protocol import CLIENT_GONE, ServerConfig
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 
@@ -35,11 +35,22 @@ async def app(scope, receive, send) -> None:
             break
     if scope["path"] == "/slow":
         await asyncio.sleep(0.3)
+    if scope["path"] == "/watch":  # no answer: reports what the disconnect probe says while the client stays, then goes
+        client_gone = scope["state"][CLIENT_GONE]
+        watched.append(client_gone())
+        deadline = time.monotonic() + 5
+        while not client_gone() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        watched.append(client_gone())
+        return
     status, headers = (503, [(b"retry-after", b"1")]) if scope["path"] == "/busy" else (200, [])
     body = json.dumps({"path": scope["path"], "received": received}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+watched: list[bool] = []  # what /watch saw: the probe while the client was connected, then after it left
 
 
 def refuse_early(path, query, headers, client):
@@ -156,3 +167,18 @@ def test_an_early_refusal_closes_a_connection_that_will_not_be_reused_or_whose_b
         status, headers, _ = read_answer(sock)
         assert status == 503 and headers.get("connection") == "close"
         assert sock.recv(1) == b""  # closed by the server
+
+
+def test_the_disconnect_probe_tells_when_the_client_has_gone(port):
+    watched.clear()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request("/watch", b"abc"))
+        deadline = time.monotonic() + 5
+        while not watched and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert watched == [False]  # connected, and still connected a moment later
+    deadline = time.monotonic() + 5
+    while len(watched) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert watched == [False, True]

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from ..errors import NotFound, NotReady
-from ..inference import prepare_images, request_deadline, within_server_deadline
+from ..inference import disconnect_probe, prepare_images, request_deadline, within_server_deadline
 from ..state import ServedModel, ServiceState
 from ..tasks import PreparedImage
 from ..tasks.base import Item
@@ -60,7 +60,7 @@ async def _serve_infer(request: Request, state: ServiceState, model: ServedModel
     parsed = await run(state, large, parse_request, header, has_binary_part)
     plans, outputs = await infer_tensors(state, model, parsed, lambda given: tensor_data(given, binary, has_binary_part),
                                          off_loop=large, arrived=request.scope["state"]["arrived"],
-                                         is_disconnected=request.is_disconnected)
+                                         is_disconnected=disconnect_probe(request))
     json_elements = sum(outputs[0][plan.name].size for plan in plans if not plan.binary) * len(outputs)
     return await run(state, json_elements > LARGE_JSON_OUTPUT_ELEMENTS,
                      lambda: encode_response(parsed, model, plans, outputs).to_response())
