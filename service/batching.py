@@ -225,8 +225,9 @@ class MicroBatcher:
         if self._stopping or self._runner is None:
             self._notify("rejected", "shutdown")
             raise NotReady(f"model '{self.name}' is not accepting requests")
-        # Late already (a slow upload), or a deadline shorter than decoding takes: no wait would help, not an overload.
-        if deadline is not None and deadline - time.monotonic() <= self._queue.to_queue_s:
+        # Late already (a slow upload), or a deadline shorter than the request takes to start on an idle model (its
+        # decoding, and its first parts when it is larger than a batch): no wait would help, so not an overload.
+        if deadline is not None and deadline - time.monotonic() <= self._queue.alone_s(images):
             self._notify("rejected", "deadline")
             raise DeadlineExceeded(f"the deadline leaves no time for model '{self.name}' to start the request")
         self.check_capacity(images, deadline)

@@ -145,10 +145,10 @@ class RequestQueue:
         """Count `images` as waiting from now until they are queued (`add`) or the reservation is released."""
         return Reservation(self, images)
 
-    @property
-    def to_queue_s(self) -> float:
-        """How long admitted requests take to reach the queue (decoding), as a running average."""
-        return self._to_queue_s
+    def alone_s(self, images: int) -> float:
+        """Seconds until the last of `images` would start with nothing ahead of it: decoding (a running average of
+        how long admitted requests take to reach the queue) and, for a request larger than a batch, its first parts."""
+        return self._to_queue_s + (self.drain_s(max(0, images - self.max_batch_size)) if self._batch_s else 0.0)
 
     def batch_s(self, size: int) -> float | None:
         """How long a batch of `size` images takes (running average); a size not timed yet is scaled from the
@@ -212,7 +212,9 @@ class RequestQueue:
         if bound is not None and first > bound and not keeps_instances_busy:
             return Overloaded(f"model '{self.name}' has about {first * 1000:.0f} ms of work queued (the limit is "
                               f"{bound * 1000:.0f} ms)", retry_after_s=retry_after, reason="queue_delay")
-        if deadline_in_s is not None and last > deadline_in_s:
+        # Refused for the work ahead of it, so worth retrying later; a deadline too short even for an idle model is
+        # not an overload (the caller answers it with 504, see MicroBatcher.admit).
+        if deadline_in_s is not None and last > deadline_in_s >= self.alone_s(images):
             return Overloaded(f"model '{self.name}' would start this request in about {last * 1000:.0f} ms, after its "
                               f"deadline ({max(deadline_in_s, 0) * 1000:.0f} ms away)",
                               retry_after_s=retry_after, reason="deadline_unreachable")

@@ -162,6 +162,30 @@ def test_refusal_of_a_request_that_would_not_start_before_its_deadline(loop):
     assert queue.refusal(8, deadline_in_s=1.3) is None
 
 
+def test_a_deadline_too_short_for_an_idle_model_is_not_an_overload(loop):
+    queue = new_queue(max_images=100, max_batch_size=4, instances=1)
+    queue.record_batch(4, 0.8)
+    assert queue.alone_s(8) == pytest.approx(0.8)  # its second part starts after its first, with nothing ahead
+    assert queue.refusal(8, deadline_in_s=0.5) is None  # no wait would help: not a 503 (the batcher answers 504)
+    queued(loop, queue, range(4))
+    assert queue.refusal(8, deadline_in_s=1.0).reason == "deadline_unreachable"  # 0.8 s ahead of it: the queue is why
+
+
+def test_the_batcher_answers_a_deadline_too_short_for_an_idle_model_with_504():
+    model = FakeModel()
+    observer = RecordingObserver()
+
+    async def body(batcher):
+        batcher.expect_batch_time(4, 0.8)
+        with pytest.raises(DeadlineExceeded):
+            batcher.admit(8, deadline=time.monotonic() + 0.5)
+        with batcher.admit(8, deadline=time.monotonic() + 5):  # the same request with time for it is admitted
+            pass
+
+    run(body, model, max_batch_size=4, observer=observer)
+    assert observer.rejections == ["deadline"]
+
+
 def test_withdraw_removes_only_untaken_images_once(loop):
     queue = new_queue(max_batch_size=2)
     request = queued(loop, queue, ["a", "b", "c"])
