@@ -4,6 +4,7 @@ never run. First the RequestQueue on its own, then the same rules seen through a
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 
 import pytest
@@ -28,7 +29,8 @@ def queued(loop, queue: RequestQueue, items, key=None, deadline=None) -> QueuedR
 
 
 def new_queue(max_images: int = 8, max_batch_size: int = 4, instances: int = 1) -> RequestQueue:
-    return RequestQueue(name="vit-test", max_images=max_images, max_batch_size=max_batch_size, instances=instances)
+    return RequestQueue(name="vit-test", max_images=max_images, max_batch_size=max_batch_size, instances=instances,
+                        retry_spread=lambda: 0)
 
 
 def test_selection_is_the_oldest_key_in_arrival_order_up_to_a_batch(loop):
@@ -76,8 +78,17 @@ def test_refusal_counts_staged_images_and_estimates_retry_after_from_batch_times
     assert isinstance(too_large, Overloaded) and "exceeds" in too_large.message
 
 
+def test_clients_refused_together_are_told_to_come_back_at_spread_out_times(loop):
+    queue = RequestQueue(name="vit-test", max_images=4, max_batch_size=4, instances=1)  # the default spread
+    queue.record_batch(4, 0.4)
+    queued(loop, queue, range(4))
+    told = collections.Counter(queue.refusal(1).headers["Retry-After"] for _ in range(400))
+    assert set(told) == {"1", "2"} and min(told.values()) > 120  # the estimate (1 s), or a second more
+
+
 def test_refusal_bounds_the_work_ahead_in_time(loop):
-    queue = RequestQueue(name="vit-test", max_images=100, max_batch_size=4, instances=1, max_delay_s=1.0)
+    queue = RequestQueue(name="vit-test", max_images=100, max_batch_size=4, instances=1, max_delay_s=1.0,
+                         retry_spread=lambda: 0)
     queued(loop, queue, range(8))
     assert queue.refusal(1) is None  # no batch timed yet: only the image bound applies
     queue.record_batch(4, 0.4)
