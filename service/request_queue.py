@@ -37,7 +37,7 @@ _MAX_RETRY_AFTER_S = 60
 # Clients that honour Retry-After (whole seconds) and were refused together come back together, and a herd is
 # answered one request after another: each refusal adds 0 to this many seconds to the estimate, at random, so the
 # herd comes back spread out. ViT-Tiny, 256 such clients on 2 cores: refusal p99 42-78 ms with the same Retry-After
-# for all, see README "Under overload" for the figures with the spread.
+# for all, 10-18 ms with the spread (README, "Under overload").
 RETRY_AFTER_SPREAD_S = 1
 _DISCONNECT_PROBE_TIMEOUT_S = 0.1  # a well-behaved probe answers at once; a stuck one must not stall batching
 
