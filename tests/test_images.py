@@ -66,15 +66,22 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def scaled_size_and_crop(image: Image.Image, size: tuple[int, int], crop_fraction: float) -> tuple[int, int, int, int]:
+    """The resize rule's arithmetic written out independently: the whole-pixel size at which the image covers
+    size / crop_fraction, and the centre crop's top-left corner there."""
+    height, width = size
+    scale = max(height / crop_fraction / image.height, width / crop_fraction / image.width)
+    new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
+    return new_w, new_h, (new_w - width) // 2, (new_h - height) // 2
+
+
 def reference_resize_and_centre_crop(image: Image.Image, size: tuple[int, int], crop_fraction: float) -> Image.Image:
-    """The resize rule's arithmetic written out independently, to pin imageprep.resize_for_model to it: the region
-    that resize-then-centre-crop keeps, resampled straight to the target."""
+    """To pin imageprep.resize_for_model: the region that resize-then-centre-crop keeps, resampled straight to the
+    target."""
     height, width = size
     if image.size[::-1] == size:
         return image
-    scale = max(height / crop_fraction / image.height, width / crop_fraction / image.width)
-    new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-    left, top = (new_w - width) // 2, (new_h - height) // 2
+    new_w, new_h, left, top = scaled_size_and_crop(image, size, crop_fraction)
     across, down = image.width / new_w, image.height / new_h
     box = (left * across, top * down, (left + width) * across, (top + height) * down)
     return image.resize((width, height), Image.BICUBIC, box=box)
@@ -83,9 +90,7 @@ def reference_resize_and_centre_crop(image: Image.Image, size: tuple[int, int], 
 def resize_then_crop(image: Image.Image, size: tuple[int, int], crop_fraction: float) -> Image.Image:
     """The textbook route (resize the whole image, then cut the centre), for comparison."""
     height, width = size
-    scale = max(height / crop_fraction / image.height, width / crop_fraction / image.width)
-    new_w, new_h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-    left, top = (new_w - width) // 2, (new_h - height) // 2
+    new_w, new_h, left, top = scaled_size_and_crop(image, size, crop_fraction)
     return image.resize((new_w, new_h), Image.BICUBIC).crop((left, top, left + width, top + height))
 
 
