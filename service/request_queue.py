@@ -186,7 +186,7 @@ class RequestQueue:
             first = 0.0  # an instance is free
         else:
             first = sum(self.batch_s(size) for size in running) / 2 / self._instances + self.drain_s(waiting)
-        return first, self._to_queue_s + first + self.drain_s(max(0, images - self.max_batch_size))
+        return first, first + self.alone_s(images)
 
     def delay_bound_s(self) -> float | None:
         """The time bound in force: the configured one, or with AUTO the time to run `AUTO_BOUND_IMAGES_PER_INSTANCE`
@@ -210,9 +210,9 @@ class RequestQueue:
                               f"{self.max_images} images")
         waiting = self._images + staged + self._reserved
         wait = self.wait_s(images, staged=staged, running=running)
-        retry_after = min(max(math.ceil(wait[0]) if wait else 1, 1) + self._retry_spread(), _MAX_RETRY_AFTER_S)
         if waiting + images > self.max_images:
-            return Overloaded(f"model '{self.name}' queue is full ({waiting} images waiting)", retry_after_s=retry_after)
+            return Overloaded(f"model '{self.name}' queue is full ({waiting} images waiting)",
+                              retry_after_s=self._retry_after_s(wait))
         if wait is None:
             return None
         first, last = wait
@@ -220,14 +220,18 @@ class RequestQueue:
         bound = self.delay_bound_s()
         if bound is not None and first > bound and not keeps_instances_busy:
             return Overloaded(f"model '{self.name}' has about {first * 1000:.0f} ms of work queued (the limit is "
-                              f"{bound * 1000:.0f} ms)", retry_after_s=retry_after, reason="queue_delay")
+                              f"{bound * 1000:.0f} ms)", retry_after_s=self._retry_after_s(wait), reason="queue_delay")
         # Refused for the work ahead of it, so worth retrying later; a deadline too short even for an idle model is
         # not an overload (the caller answers it with 504, see MicroBatcher.admit).
         if deadline_in_s is not None and last > deadline_in_s >= self.alone_s(images):
             return Overloaded(f"model '{self.name}' would start this request in about {last * 1000:.0f} ms, after its "
                               f"deadline ({max(deadline_in_s, 0) * 1000:.0f} ms away)",
-                              retry_after_s=retry_after, reason="deadline_unreachable")
+                              retry_after_s=self._retry_after_s(wait), reason="deadline_unreachable")
         return None
+
+    def _retry_after_s(self, wait: tuple[float, float] | None) -> int:
+        """A refusal's Retry-After: the work ahead in whole seconds (at least 1), plus the spread."""
+        return min(max(math.ceil(wait[0]) if wait else 1, 1) + self._retry_spread(), _MAX_RETRY_AFTER_S)
 
     def record_batch(self, images: int, seconds: float) -> None:
         """How long a batch of `images` took to run: the time estimates follow running averages, one per size
