@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import collections
 import concurrent.futures
 import io
 import os
@@ -367,3 +368,15 @@ def test_cuda_device_serves_on_the_cuda_provider(repo):
         assert response.status_code == 200 and len(response.json()["results"]) == 3
     finally:
         assert srv.stop() == 0
+
+
+def test_a_one_millisecond_deadline_on_an_idle_model_is_met_or_504_never_503(client):
+    """A small image with its own deadline of 1 ms, on an idle server: the tiny model may answer in time, or not;
+    either way no wait would help, so a miss is a deadline (504), never an overload to retry (503)."""
+    statuses = collections.Counter()
+    for _ in range(20):
+        response = client.post("/classify?timeout_ms=1", files=files(shapes(1)))
+        statuses[response.status_code] += 1
+        if response.status_code != 200:
+            assert_error(response, 504, "deadline_exceeded")
+    assert set(statuses) <= {200, 504}, statuses

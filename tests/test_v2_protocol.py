@@ -397,3 +397,13 @@ def test_a_parameter_error_is_a_400_and_the_timeout_parameter_is_in_microseconds
 
     assert v2_error_response(InvalidParameter("bad")).status_code == 400  # the protocol has no 422
     assert (_timeout_ms({"timeout": 1}), _timeout_ms({"timeout": 2_500_000}), _timeout_ms({"timeout": 0}), _timeout_ms({})) == (1, 2500, None, None)
+
+
+def test_tritonclient_with_a_one_microsecond_timeout_on_an_idle_model_is_answered_or_gets_504(triton, serving_repo):
+    """Triton's `timeout` (microseconds) rounds up to 1 ms here: met, or missed with 504, never 503 (overloaded)."""
+    pixels = model_pixels(serving_repo, "shapes", shapes(1))
+    for _ in range(10):
+        try:
+            assert triton.infer("shapes", [pixels_input(pixels)], timeout=1).as_numpy("logits").shape == (1, 6)
+        except InferenceServerException as refused:
+            assert refused.status() == "504" and "deadline" in refused.message(), (refused.status(), refused.message())
