@@ -216,7 +216,10 @@ class MicroBatcher:
                                       deadline_in_s=None if deadline is None else deadline - time.monotonic())
         if refusal is not None:
             self._notify("rejected", refusal.reason)
-            raise refusal
+            try:
+                raise refusal
+            finally:  # the traceback holds this frame: a local naming the exception would make a reference cycle
+                del refusal
 
     def admit(self, images: int, deadline: float | None = None) -> Reservation:
         """Admit a request of `images` before any work is spent on it (decoding), or refuse it (`check_capacity`).

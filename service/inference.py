@@ -58,9 +58,12 @@ async def prepare_images(state: ServiceState, model: ServedModel, images: list[b
     jobs = [loop.run_in_executor(state.decode_pool, functools.partial(_decode_and_prepare, data, model, state, i, keep_source))
             for i, data in enumerate(images)]
     results = await asyncio.gather(*jobs, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
+    failure = next((result for result in results if isinstance(result, BaseException)), None)
+    if failure is not None:
+        try:
+            raise failure
+        finally:  # the traceback holds this frame: locals naming the exception would make a reference cycle
+            del failure, results
     return results
 
 

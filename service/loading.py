@@ -67,6 +67,14 @@ async def stop_version(served: ServedModel, timeout_s: float) -> None:
     await asyncio.to_thread(give_memory_back)
 
 
+def freeze_startup_heap() -> None:
+    """Move what start-up made (modules, the app, the models' Python side: about 80,000 objects) out of the garbage
+    collector's sight: it lives as long as the process, and each full collection walked all of it, stopping the event
+    loop for 40-70 ms every few seconds under load (measured with ViT-Tiny at c=256; 9 ms once frozen)."""
+    gc.collect()
+    gc.freeze()
+
+
 def give_memory_back() -> None:
     """Collect the dropped sessions now and return freed heap pages to the system: onnxruntime frees its arenas
     into malloc, and glibc keeps freed memory in the process unless asked (so RSS would not fall after an unload)."""

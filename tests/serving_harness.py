@@ -47,14 +47,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, repo: Path, wait: bool = True, **env: str) -> None:
+    def __init__(self, repo: Path, wait: bool = True, command: list[str] | None = None, **env: str) -> None:
+        """`command` starts the server instead of `vit-serve` (given the same arguments): a wrapper that observes it."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environment = {**os.environ, "VITSERVE_INTRA_OP_THREADS": "1", "VITSERVE_DECODE_THREADS": "2",
                        **{f"VITSERVE_{k.upper()}": v for k, v in env.items()}}
         # The log goes to a file: a pipe nobody reads fills after ~64 KB of access lines and blocks the server.
         self.log = tempfile.NamedTemporaryFile("w+", prefix="vit-serve-", suffix=".log")
-        self.process = subprocess.Popen([VIT_SERVE, "--repo", str(repo), "--port", str(self.port)], env=environment,
+        self.process = subprocess.Popen([*(command or [VIT_SERVE]), "--repo", str(repo), "--port", str(self.port)], env=environment,
                                         stdout=self.log, stderr=subprocess.STDOUT, text=True)
         if wait:
             self.wait_ready()
