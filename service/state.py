@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from .errors import NotFound, NotReady
 from .images import ImageLimits
-from .loading import freeze_startup_heap, start_version, stop_version
+from .loading import settle_garbage_collector, start_version, stop_version
 from .metrics import Metrics
 from .model_control import ModelControl
 from .runtime import cuda_available
@@ -67,7 +67,7 @@ class ServiceState:
         if settings.device == "auto" and not cuda_available():  # said once, not once per model
             log.info("no CUDA provider in this onnxruntime: serving on the CPU")
         await self.control.start()
-        freeze_startup_heap()
+        settle_garbage_collector()
 
     async def drain(self) -> None:
         """Stop admitting, finish what was accepted (bounded by the drain timeout), release the threads."""

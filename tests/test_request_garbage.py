@@ -34,7 +34,8 @@ def report(*_):
     frames = collections.Counter(f"{f.f_code.co_filename}:{f.f_code.co_name}" for f in gc.garbage
                                  if isinstance(f, types.FrameType))
     kinds = collections.Counter(getattr(o, "__qualname__", type(o).__name__) if callable(o) else type(o).__name__ for o in gc.garbage)
-    found = {"objects": len(gc.garbage), "kinds": kinds.most_common(8), "frames": frames.most_common(8)}
+    found = {"objects": len(gc.garbage), "kinds": kinds.most_common(8), "frames": frames.most_common(8),
+             "frozen": gc.get_freeze_count()}
     gc.garbage.clear()
     with open(report_path + ".tmp", "w") as out:
         out.write(json.dumps(found))  # json.dump's pure-Python encoder would leave cycles of its own
@@ -61,7 +62,9 @@ def left_to_collect(server: Server, report: Path) -> dict:
     time.sleep(0.2)  # connections closed by the client are closed in the server too
     server.process.send_signal(signal.SIGUSR1)
     server.wait_until(report.exists, timeout=10)
-    return json.loads(report.read_text())
+    found = json.loads(report.read_text())
+    assert found.pop("frozen") > 10_000, "start-up's objects are not frozen out of the collector's passes"
+    return found
 
 
 def v2_infer(http: httpx.Client) -> httpx.Response:
