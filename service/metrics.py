@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.process_collector import ProcessCollector
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -12,6 +14,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The process's resident memory and CPU (process_*), and the garbage collector's passes and what they freed
+        # (python_gc_*): a path that leaves reference cycles behind shows as objects collected per second.
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
         self.requests = Counter("vitserve_requests_total", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
         self.latency = Histogram("vitserve_request_duration_seconds", "HTTP request latency", ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.images = Counter("vitserve_images_inferred_total", "Images that went through a model", ["model"], registry=r)
