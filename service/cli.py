@@ -40,6 +40,7 @@ def serve(settings: Settings) -> None:
     # included, so a crowd of idle connections would get the pod restarted. Idle and slow connections are bounded
     # in time instead: the header deadline and the keep-alive timeout close them.
     app = create_app(settings)
+    app.state.service.settle_collector = True  # this process is the server's own
     config = ServerConfig(app, header_timeout_s=settings.header_timeout_s, max_pace_s=settings.refusal_pause_ms / 1000,
                           refuse_early=app.state.refuse_early,
                           host=settings.host, port=settings.port, loop="uvloop", log_level=settings.log_level,

@@ -28,6 +28,9 @@ class ServiceState:
     metrics: Metrics
     draining: bool = False
     decode_pool: ThreadPoolExecutor | None = None
+    # Set by the process that owns the interpreter (`vit-serve`), not by an app hosted in someone else's (tests):
+    # tune the garbage collector once the models are loaded (service.loading.settle_garbage_collector).
+    settle_collector: bool = False
     control: ModelControl = field(init=False)
 
     def __post_init__(self) -> None:
@@ -67,7 +70,8 @@ class ServiceState:
         if settings.device == "auto" and not cuda_available():  # said once, not once per model
             log.info("no CUDA provider in this onnxruntime: serving on the CPU")
         await self.control.start()
-        settle_garbage_collector()
+        if self.settle_collector:
+            settle_garbage_collector()
 
     async def drain(self) -> None:
         """Stop admitting, finish what was accepted (bounded by the drain timeout), release the threads."""

@@ -107,8 +107,12 @@ def test_refused_requests_leave_nothing_for_the_garbage_collector(observed, path
     rows, columns = np.mgrid[0:5000, 0:5000] // 20
     large = png_bytes(np.stack([rows, columns, rows + columns], axis=-1).astype(np.uint8))  # 25 MP, ~0.3 MB: ~0.2 s to decode
 
+    def hold_the_queue() -> None:  # until admitted: a small request may hold the one place when it arrives
+        while httpx.post(f"{server.url}/classify", files=files([large]), timeout=60).status_code == 503:
+            pass
+
     def refusals_while_decoding() -> int:
-        holder = threading.Thread(target=lambda: httpx.post(f"{server.url}/classify", files=files([large]), timeout=60))
+        holder = threading.Thread(target=hold_the_queue)
         holder.start()
         refused = 0
         with httpx.Client(base_url=server.url, timeout=30) as http:
