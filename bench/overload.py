@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +54,7 @@ class Round:
     rss_peak_mb: float
     client_cpu_cores: float  # what the load generator itself used: its share of the machine
     load_average: tuple[float, float, float]
+    collector_passes: list[int] | None = None  # the server's garbage-collector passes in the round, by generation
 
 
 def percentile_ms(seconds: list[float], q: float) -> float | None:
@@ -95,6 +98,24 @@ class RssSampler:
         self._thread.join()
 
 
+_COLLECTIONS = re.compile(r'^python_gc_collections_total\{generation="(\d)"\} (\S+)$', re.MULTILINE)
+
+
+def collector_passes(metrics_text: str) -> list[int] | None:
+    """The garbage collector's passes so far, by generation, from a /metrics page (None where it has none: another
+    server, or a version of ours before these series). Each pass stops the server's event loop."""
+    found = {int(generation): int(float(value)) for generation, value in _COLLECTIONS.findall(metrics_text)}
+    return [found[g] for g in sorted(found)] or None
+
+
+def scrape_collector_passes(port: int) -> list[int] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            return collector_passes(answer.read().decode())
+    except OSError:
+        return None
+
+
 def summarise(name: str, result: LoadResult, rss: RssSampler, baseline: float | None) -> Round:
     refused = result.error_latencies_s.get("503", [])
     other = {key: count for key, count in result.errors.items() if key not in ("503", "504")}
@@ -112,14 +133,16 @@ def _ms(value: float | None) -> str:
 
 def print_table(rounds: list[Round]) -> None:
     print("| round | c | admitted (200) | refused (503) | 504 | other | admitted p50 / p99 ms | refused p50 / p99 ms "
-          "| goodput img/s | vs baseline | RSS end / peak MB | client CPU | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| goodput img/s | vs baseline | RSS end / peak MB | collector passes (gen 0/1/2) | client CPU | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rounds:
         other = ", ".join(f"{k}: {v}" for k, v in r.other.items()) or "0"
         ratio = "-" if r.goodput_ratio is None else f"{r.goodput_ratio:.2f}"
+        passes = "-" if r.collector_passes is None else "/".join(map(str, r.collector_passes))
         print(f"| {r.name} | {r.concurrency} | {r.admitted} | {r.refused} | {r.deadline_exceeded} | {other} "
               f"| {_ms(r.admitted_p50_ms)} / {_ms(r.admitted_p99_ms)} | {_ms(r.refused_p50_ms)} / {_ms(r.refused_p99_ms)} "
-              f"| {r.goodput:.1f} | {ratio} | {r.rss_end_mb:.0f} / {r.rss_peak_mb:.0f} | {r.client_cpu_cores:.2f} | {r.load_average[0]:.2f} |")
+              f"| {r.goodput:.1f} | {ratio} | {r.rss_end_mb:.0f} / {r.rss_peak_mb:.0f} | {passes} "
+              f"| {r.client_cpu_cores:.2f} | {r.load_average[0]:.2f} |")
 
 
 def verdicts(rounds: list[Round]) -> list[str]:
@@ -187,9 +210,13 @@ def main(argv: list[str] | None = None) -> int:
             plan = [("baseline", args.baseline)] + [(f"overload {i + 1}", args.overload) for i in range(args.rounds)]
             for name, concurrency in plan:
                 rss.reset_peak()
+                passes_before = scrape_collector_passes(server.port)
                 result = generator.run("127.0.0.1", server.port, server.requests, concurrency, args.duration, args.warmup,
                                        honour_retry_after=args.honour_retry_after)
                 rounds.append(summarise(name, result, rss, rounds[0].goodput if rounds else None))
+                passes_after = scrape_collector_passes(server.port)  # the round with its warm-up
+                if passes_before and passes_after:
+                    rounds[-1].collector_passes = [a - b for a, b in zip(passes_after, passes_before)]
                 print(f"{name}: c={concurrency} admitted {rounds[-1].admitted}, refused {rounds[-1].refused}, "
                       f"504 {rounds[-1].deadline_exceeded}, RSS {rounds[-1].rss_end_mb:.0f} MB", flush=True)
         rss.stop()

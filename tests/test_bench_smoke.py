@@ -81,3 +81,14 @@ def test_the_gpu_variant_refuses_clearly_without_a_cuda_provider():
                                capture_output=True, text=True, timeout=60)
     assert completed.returncode == 2
     assert "no CUDA provider" in completed.stderr
+
+
+def test_the_overload_bench_reads_the_collector_passes_from_the_service_metrics():
+    from prometheus_client import generate_latest
+
+    from bench.overload import collector_passes
+    from service.metrics import Metrics
+
+    passes = collector_passes(generate_latest(Metrics().registry).decode())
+    assert passes is not None and len(passes) == 3 and all(count >= 0 for count in passes)
+    assert collector_passes("vitserve_ready 1.0\n") is None  # a server without the series: the column says "-"
