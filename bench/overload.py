@@ -116,7 +116,8 @@ def scrape_collector_passes(port: int) -> list[int] | None:
         return None
 
 
-def summarise(name: str, result: LoadResult, rss: RssSampler, baseline: float | None) -> Round:
+def summarise(name: str, result: LoadResult, rss: RssSampler, baseline: float | None,
+              collector_passes: list[int] | None) -> Round:
     refused = result.error_latencies_s.get("503", [])
     other = {key: count for key, count in result.errors.items() if key not in ("503", "504")}
     goodput = result.per_second
@@ -124,7 +125,7 @@ def summarise(name: str, result: LoadResult, rss: RssSampler, baseline: float | 
                  other, percentile_ms(result.latencies_s, 0.5), percentile_ms(result.latencies_s, 0.99),
                  percentile_ms(refused, 0.5), percentile_ms(refused, 0.99), goodput,
                  goodput / baseline if baseline else None, rss.read_mb(), rss.peak_mb,
-                 result.client_cpu_s / result.duration_s, os.getloadavg())
+                 result.client_cpu_s / result.duration_s, os.getloadavg(), collector_passes)
 
 
 def _ms(value: float | None) -> str:
@@ -213,10 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                 passes_before = scrape_collector_passes(server.port)
                 result = generator.run("127.0.0.1", server.port, server.requests, concurrency, args.duration, args.warmup,
                                        honour_retry_after=args.honour_retry_after)
-                rounds.append(summarise(name, result, rss, rounds[0].goodput if rounds else None))
                 passes_after = scrape_collector_passes(server.port)  # the round with its warm-up
-                if passes_before and passes_after:
-                    rounds[-1].collector_passes = [a - b for a, b in zip(passes_after, passes_before)]
+                passes = ([a - b for a, b in zip(passes_after, passes_before)]
+                          if passes_before and passes_after else None)
+                rounds.append(summarise(name, result, rss, rounds[0].goodput if rounds else None, passes))
                 print(f"{name}: c={concurrency} admitted {rounds[-1].admitted}, refused {rounds[-1].refused}, "
                       f"504 {rounds[-1].deadline_exceeded}, RSS {rounds[-1].rss_end_mb:.0f} MB", flush=True)
         rss.stop()

@@ -99,6 +99,7 @@ class ServerProtocol(HttpToolsProtocol):
         self._refuse_early = config.refuse_early
         self._header_timer: asyncio.TimerHandle | None = None
         self._pace_s = 0.0  # asked by the current request's answer
+        self._pacer = _pacer(self)  # what each request's scope gets to ask it (one per connection)
         self._pace_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -108,7 +109,7 @@ class ServerProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._pace_s = 0.0
-        self.scope["state"][PACE_CONNECTION] = _pacer(self)
+        self.scope["state"][PACE_CONNECTION] = self._pacer
         if self._header_timer is None:  # a later request on a kept-alive connection: due from its first byte
             self._start_header_timer()
 

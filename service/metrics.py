@@ -1,9 +1,9 @@
 """Prometheus metrics, one registry per app. Labels are route templates and model names, never raw paths."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.process_collector import ProcessCollector
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector, generate_latest,
+)
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
