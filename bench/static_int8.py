@@ -34,13 +34,14 @@ from model.presets import vit_preset
 from model.vit import VisionTransformer
 from modelrepo.names import IMAGES
 
-CONFIGS = {  # name -> (roles kept in float, calibration method)
-    "all/minmax": ((), "minmax"),
-    "ends/minmax": (("patch_embed", "head"), "minmax"),
-    "mlp_out/minmax": (("mlp_out",), "minmax"),
-    "ends+mlp_out/minmax": (("patch_embed", "head", "mlp_out"), "minmax"),
-    "ends/percentile": (("patch_embed", "head"), "percentile"),
-    "ends/entropy": (("patch_embed", "head"), "entropy"),
+CONFIGS = {  # name -> (roles kept in float, calibration method, products' outputs quantised too)
+    "all/minmax": ((), "minmax", False),
+    "ends/minmax": (("patch_embed", "head"), "minmax", False),
+    "ends/minmax/outputs": (("patch_embed", "head"), "minmax", True),
+    "mlp_out/minmax": (("mlp_out",), "minmax", False),
+    "ends+mlp_out/minmax": (("patch_embed", "head", "mlp_out"), "minmax", False),
+    "ends/percentile": (("patch_embed", "head"), "percentile", False),
+    "ends/entropy": (("patch_embed", "head"), "entropy", False),
 }
 
 
@@ -61,10 +62,11 @@ def build(args, tmp: Path) -> tuple[dict[str, Path], np.ndarray, np.ndarray | No
     export_onnx(ClassifierGraph(model, mean, std), None, files["fp32"])
     quantize_int8(files["fp32"], files["dynamic"])
     for name in args.configs.split(","):
-        keep, method = CONFIGS[name]
+        keep, method, outputs = CONFIGS[name]
         started = time.perf_counter()
         files[name] = tmp / f"{name.replace('/', '-')}.onnx"
-        quantize_int8_static(files["fp32"], files[name], image_batches(calibration.images), keep_float=keep, method=method)
+        quantize_int8_static(files["fp32"], files[name], image_batches(calibration.images), keep_float=keep, method=method,
+                             quantize_outputs=outputs)
         print(f"{name}: quantised in {time.perf_counter() - started:.0f} s", flush=True)
     held_out = calibration.held_out if calibration.held_out is not None else real
     return files, held_out, calibration.held_out_labels

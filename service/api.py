@@ -20,6 +20,7 @@ from .runtime import RuntimeStartError, cuda_available
 from .settings import Settings
 from .shedding import EarlyRefusals
 from .state import ServedModel, ServiceState
+from .task_routes import TaskRouteShortcut
 from .tasks import HANDLERS
 from .v2 import HEALTH_PATHS as V2_HEALTH_PATHS, v2_router
 from .v2.errors import is_v2_path, v2_error_response
@@ -58,7 +59,10 @@ def create_app(settings: Settings) -> FastAPI:
     # Requests refused before their body is read never reach the app: the server's protocol asks this first.
     app.state.refuse_early = EarlyRefusals(state, metrics, tasks=list(HANDLERS), api_key=(
         settings.api_key.get_secret_value() if settings.api_key is not None else None))
-    if settings.api_key is not None:  # added first: runs inside the request context (counted, logged, X-Request-ID)
+    # Added first, so innermost: task requests are still counted, logged and key-checked (service.task_routes).
+    app.add_middleware(TaskRouteShortcut, router=app.router, paths={f"/{task}" for task in HANDLERS},
+                       respond_to_error=_error_response)
+    if settings.api_key is not None:  # added before the request context: runs inside it (counted, logged, X-Request-ID)
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value(), open_paths=OPEN_PATHS)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     _install_error_handlers(app)

@@ -62,8 +62,8 @@ async def prepare_images(state: ServiceState, model: ServedModel, images: list[b
     if failure is not None:
         try:
             raise failure
-        finally:  # the traceback holds this frame: locals naming the exception would make a reference cycle
-            del failure, results
+        finally:  # the traceback holds this frame: locals reaching the exception (its future too) would make a cycle
+            del failure, results, jobs
     return results
 
 

@@ -48,6 +48,14 @@ def quantised_products(path: Path) -> tuple[set[str], set[str]]:
     return fed, {node.name for node in products} - fed
 
 
+def requantised_products(path: Path) -> list[str]:
+    """MatMul/Gemm nodes whose output is rounded to int8 again (a QuantizeLinear right after them)."""
+    graph = onnx.load(str(path)).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    return [producers[node.input[0]].name for node in graph.node if node.op_type == "QuantizeLinear"
+            and node.input[0] in producers and producers[node.input[0]].op_type in ("MatMul", "Gemm")]
+
+
 def test_static_int8_is_calibrated_on_the_checkpoints_training_images_and_measured_on_its_held_out_ones(tmp_path, trained):
     repo = tmp_path / "repo"
     assert main(["--checkpoint", str(trained), "--repo", str(repo), "--int8", "static"]) == 0
@@ -62,6 +70,7 @@ def test_static_int8_is_calibrated_on_the_checkpoints_training_images_and_measur
     static = repo / "shapes" / "1" / "model.int8-static.onnx"
     fed, plain = quantised_products(static)
     assert len(fed) == 4 * 2 and len(plain) == 2  # qkv, proj, fc1, fc2 of 2 blocks; patch embedding and head float
+    assert requantised_products(static) == []  # inputs quantised, outputs left in float for the bias add
     roles = matmul_roles(onnx.load(str(repo / "shapes" / "1" / "model.onnx")).graph)
     assert sorted(roles.values()).count("mlp_out") == 2 and {"patch_embed", "head"} <= set(roles.values())
     images = make_synthetic(8, 16, seed=9)[0]
