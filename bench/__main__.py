@@ -186,11 +186,16 @@ def run_rounds(args: argparse.Namespace, model_name: str, contenders: list, gene
     duration = run_duration(args, contenders)
     if duration > args.duration:
         print(f"{model_name}: runs of {duration:.1f} s (about {args.min_images} images at the raw-ORT rate)", flush=True)
+    raws = {(c.kind, c.variant): c for c in contenders if is_raw(c.kind)}
     for concurrency in args.concurrency:
         for round_index in range(args.rounds):
             order = contenders if round_index % 2 == 0 else contenders[::-1]
             for position, contender in enumerate(order):
-                result = contender.run(generator, concurrency, duration, args.warmup)
+                raw = raws.get((report.raw_of(contender.kind), contender.variant))
+                if concurrency == 1 and raw is not None and not is_raw(contender.kind):
+                    result = bracketed_by_raw_latency(contender, raw, generator, duration, args.warmup)
+                else:
+                    result = contender.run(generator, concurrency, duration, args.warmup)
                 samples.append({"model": model_name, "variant": contender.variant, "contender": contender.kind,
                                 "concurrency": concurrency, "round": round_index, "position": position,
                                 "duration_s": duration, **result})
@@ -200,6 +205,17 @@ def run_rounds(args: argparse.Namespace, model_name: str, contenders: list, gene
                       f"p50 {report.fmt(result.get('p50_ms'), 2)} ms, "
                       f"p99 {report.fmt(result.get('p99_ms'), 2)} ms{errors}", flush=True)
     return samples
+
+
+def bracketed_by_raw_latency(server, raw, generator: LoadGenerator, duration: float, warmup: float) -> dict:
+    """A c=1 run of `server` between two short batch-1 latency runs of its raw runtime on the same graph: their mean
+    is what its lone-request excess is measured against. A runtime's batch-1 latency can change state for minutes
+    (OpenVINO's ViT-Base here: about 32.5 or 28.5 ms), so the raw run's own median, taken in its slot of the round,
+    may not be from the state the server ran in."""
+    before = raw.batch1_p50_ms(duration / 8)
+    result = server.run(generator, 1, duration, warmup)
+    after = raw.batch1_p50_ms(duration / 8)
+    return {**result, "raw_batch1_p50_ms": (before + after) / 2}
 
 
 def _meta(args: argparse.Namespace) -> dict:

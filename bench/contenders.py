@@ -225,6 +225,10 @@ class RawOrt:
             thread.join()
         return sum(counts), time.perf_counter() - started
 
+    def batch1_p50_ms(self, seconds: float) -> float:
+        """The median batch-1 latency now, on the all-cores session (at least 10 runs)."""
+        return float(np.percentile(self._latencies(seconds, min_runs=10), 50)) * 1e3
+
     def _latencies(self, seconds: float, min_runs: int) -> list[float]:
         run, feeds = self.sessions[1], self._feeds(1)
         run(feeds)

@@ -14,6 +14,9 @@ V2_CONTENDERS = ("v2", "v2-bytes")  # vit-serve over the Open Inference Protocol
 RAW = ("raw", "raw-openvino")
 
 
+BRACKETED_RAW_P50 = "raw_batch1_p50_ms"  # in a server's c=1 sample: its raw runtime's batch-1 p50 just around it
+
+
 def raw_of(contender: str) -> str:
     """The in-process limit a contender is measured against: raw OpenVINO for the service on OpenVINO, else raw ORT."""
     return "raw-openvino" if contender == "raw-openvino" or "runtime=openvino" in contender else "raw"
@@ -53,12 +56,16 @@ def _by_round(samples: list[dict], model: str, variant: str, contender: str, con
 
 def paired(samples: list[dict], name: str, model: str, concurrency: int, a: tuple[str, str], b: tuple[str, str],
            metric_a: str = "images_per_s", metric_b: str | None = None, difference: bool = False) -> dict | None:
-    """a / b (or a - b) per round, for (contender, variant) pairs a and b; None when either was not measured."""
+    """a / b (or a - b) per round, for (contender, variant) pairs a and b; None when either was not measured.
+    A difference of a server's p50 from its raw runtime's uses the raw batch-1 latency measured around the server's
+    own run when there is one (`raw_batch1_p50_ms`, see bench.__main__.bracketed_by_raw_latency)."""
     left = _by_round(samples, model, a[1], a[0], concurrency)
     right = _by_round(samples, model, b[1], b[0], concurrency)
     values = []
     for round_index in sorted(set(left) & set(right)):
         x, y = left[round_index].get(metric_a), right[round_index].get(metric_b or metric_a)
+        if difference and b[0] == raw_of(a[0]) and BRACKETED_RAW_P50 in left[round_index]:
+            y = left[round_index][BRACKETED_RAW_P50]
         if x is None or y is None or (not difference and not y):
             continue
         values.append(x - y if difference else x / y)

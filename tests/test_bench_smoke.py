@@ -38,6 +38,12 @@ def test_smoke_benchmark_writes_json_and_png_with_every_contender(tmp_path):
 
     names = {ratio["name"] for ratio in results["ratios"]}
     assert {"vitserve / raw ORT", "p50(c=1) - raw batch-1 latency", "int8 / fp32"} <= names
+    # a lone request's excess is taken against raw's batch-1 latency measured just around the server's own c=1 run
+    lone = {s["round"]: s for s in results["samples"]
+            if (s["contender"], s["variant"], s["concurrency"]) == ("vitserve", "fp32", 1)}
+    [excess] = [r for r in results["ratios"] if r["name"] == "p50(c=1) - raw batch-1 latency" and r["a"] == "vitserve/fp32"]
+    assert excess["per_round"] == [lone[i]["p50_ms"] - lone[i]["raw_batch1_p50_ms"] for i in sorted(lone)]
+    assert all(lone[i]["raw_batch1_p50_ms"] > 0 for i in lone)
     for protocol in ("v2", "v2-bytes"):  # the same server over V2, against raw ORT and /classify
         assert {f"{protocol} / raw ORT", f"{protocol} / vitserve", f"{protocol} p50(c=1) / vitserve p50"} <= names
     # the V2 requests carry the same image as /classify's (pixels after the service's own decode and resize, or the
