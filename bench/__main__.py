@@ -215,7 +215,7 @@ def bracketed_by_raw_latency(server, raw, generator: LoadGenerator, duration: fl
     before = raw.batch1_p50_ms(duration / 8)
     result = server.run(generator, 1, duration, warmup)
     after = raw.batch1_p50_ms(duration / 8)
-    return {**result, "raw_batch1_p50_ms": (before + after) / 2}
+    return {**result, report.BRACKETED_RAW_P50: (before + after) / 2}
 
 
 def _meta(args: argparse.Namespace) -> dict:

@@ -11,7 +11,7 @@ path, every other route) goes through the app as before.
 """
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from fastapi.routing import APIRoute
 from starlette.requests import Request
@@ -39,9 +39,8 @@ class TaskRouteShortcut:
             return await self.app(scope, receive, send)
         scope["route"], scope["endpoint"] = route, route.endpoint
         request = Request(scope, receive, send)
-        endpoint: Callable[[Request], Awaitable[Response]] = route.endpoint
         try:
-            response = await endpoint(request)
+            response = await route.endpoint(request)
         except ServiceError as error:
             response = self.respond_to_error(request, error)
         await response(scope, receive, send)
