@@ -86,6 +86,14 @@ class _Batch:
         return [item for request, start, count in self.slices for item in request.items[start:start + count]]
 
 
+@dataclasses.dataclass
+class BatchTiming:
+    """Where one request's time in the batcher went: filled by `submit` when the results are in."""
+
+    queued_s: float = 0.0  # waiting for its first batch to start
+    inference_s: float = 0.0  # the runtime's time for the batches that held its images
+
+
 class MicroBatcher:
     def __init__(
         self,
@@ -178,9 +186,10 @@ class MicroBatcher:
         is_disconnected: Callable[[], Awaitable[bool]] | None = None,
         batch_key: Hashable = None,
         admission: Reservation | None = None,
+        timing: BatchTiming | None = None,
     ) -> list[Any]:
         """Queue all `items` as one request and return their results in order. With `admission` (from `admit`),
-        the request was admitted already; without, it is admitted here."""
+        the request was admitted already; without, it is admitted here. `timing` is filled in on success."""
         items = list(items)
         if self._stopping or self._runner is None:
             self._notify("rejected", "shutdown")
@@ -201,13 +210,16 @@ class MicroBatcher:
         if deadline is not None:
             request.timer = loop.call_later(deadline - time.monotonic(), self._expire, request)
         try:
-            return await request.future
+            results = await request.future
         except asyncio.CancelledError:  # the caller's task was cancelled: its queued images go too
             self._withdraw(request, reason="disconnected")
             raise
         finally:
             if request.timer is not None:
                 request.timer.cancel()
+        if timing is not None:
+            timing.queued_s, timing.inference_s = request.queued_s, request.inference_s
+        return results
 
     def check_capacity(self, images: int, deadline: float | None = None) -> None:
         """Refuse at once (Overloaded, with Retry-After) when `images` more would not fit the queue now, would find
@@ -339,6 +351,8 @@ class MicroBatcher:
     def _started(self, batch: _Batch) -> None:
         now = asyncio.get_running_loop().time()
         for request, _, count in batch.slices:
+            if request.started_at is None:
+                request.started_at = now
             for _ in range(count):
                 self._notify("queue_wait", now - request.enqueued_at)
 
@@ -372,6 +386,7 @@ class MicroBatcher:
             self._notify("batch_run", len(items), seconds)
             offset = 0
             for request, start, count in batch.slices:
+                request.inference_s += seconds
                 request.add_results(start, outputs[offset:offset + count])
                 offset += count
         finally:

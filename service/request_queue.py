@@ -56,9 +56,16 @@ class QueuedRequest:
     taken: int = 0  # images handed to the runner so far
     done: int = 0  # images with results
     timer: asyncio.TimerHandle | None = None
+    started_at: float | None = None  # loop time its first batch started
+    inference_s: float = 0.0  # the run times of the batches that held its images, added up
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.items)
+
+    @property
+    def queued_s(self) -> float:
+        """From the queue to its first batch's start."""
+        return (self.started_at if self.started_at is not None else self.enqueued_at) - self.enqueued_at
 
     @property
     def untaken(self) -> int:

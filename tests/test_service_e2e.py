@@ -128,6 +128,31 @@ def test_concurrent_requests_are_batched(client, server):
     assert sample(metrics, 'vitserve_requests_total{method="POST",route="/classify",status="200"}') >= 48
 
 
+def server_timing(response: httpx.Response) -> dict[str, float]:
+    """The Server-Timing header's metrics (W3C: `name;dur=ms`, comma-separated) by name."""
+    metrics = {}
+    for entry in response.headers["server-timing"].split(","):
+        name, *params = [part.strip() for part in entry.split(";")]
+        metrics[name] = float(dict(param.split("=", 1) for param in params)["dur"])
+    return metrics
+
+
+@pytest.mark.parametrize("path, data", [("/classify", {}), ("/embed", {}), ("/reconstruct", {"seed": "1"})])
+def test_answers_say_where_their_time_went(client, path, data):
+    before = client.get("/metrics").text
+    response = client.post(path, files=files(shapes(1)), data=data)
+    assert response.status_code == 200, response.text
+    timing = server_timing(response)
+    assert set(timing) == {"decode", "queue", "inference", "total"}
+    assert all(value >= 0 for value in timing.values()) and timing["decode"] > 0 and timing["inference"] > 0
+    assert timing["decode"] + timing["queue"] + timing["inference"] <= timing["total"] + 0.02  # parts of it, rounded
+    # the same runtime time that /metrics adds up (this request's one batch)
+    model = response.json()["model"]
+    name = f'vitserve_inference_seconds_sum{{model="{model}"}}'
+    ran_ms = (sample(client.get("/metrics").text, name) - (sample(before, name) if name in before else 0.0)) * 1e3
+    assert timing["inference"] == pytest.approx(ran_ms, abs=0.02)
+
+
 def sample(metrics: str, name: str) -> float:
     for line in metrics.splitlines():
         if line.startswith(name + " "):
