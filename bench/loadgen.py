@@ -67,6 +67,9 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)  # status code or exception name -> count
     error_latencies_s: dict[str, list[float]] = field(default_factory=dict)  # the same keys: how long each took
     client_cpu_s: float = 0.0  # CPU the generator processes used during the window
+    # the Server-Timing metrics (ms, by name) of each successful response that had the header: where the server says
+    # the time went
+    server_timings: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def completed(self) -> int:
@@ -89,6 +92,8 @@ class LoadResult:
             "p50_ms": self.percentile_ms(0.50), "p99_ms": self.percentile_ms(0.99),
             "errors": dict(self.errors), "client_cpu_cores": self.client_cpu_s / self.duration_s,
             "client_cpu_us_per_request": (self.client_cpu_s / self.completed * 1e6) if self.completed else None,
+            "server_timing_p50_ms": {name: statistics.median(t[name] for t in self.server_timings if name in t)
+                                     for name in dict.fromkeys(name for t in self.server_timings for name in t)},
         }
 
 
@@ -134,8 +139,9 @@ class LoadGenerator:
             first += users
         result = LoadResult(concurrency, duration_s)
         for index in range(used):
-            latencies, error_latencies, cpu_s = self._pipes[index].recv()
+            latencies, error_latencies, cpu_s, timings = self._pipes[index].recv()
             result.latencies_s.extend(latencies)
+            result.server_timings.extend(timings)
             result.client_cpu_s += cpu_s
             for key, seconds in error_latencies.items():
                 result.errors[key] = result.errors.get(key, 0) + len(seconds)
@@ -173,14 +179,16 @@ def _new_loop_run(coroutine):
     return asyncio.run(coroutine)
 
 
-async def _run(spec: _RunSpec) -> tuple[list[float], dict[str, list[float]], float]:
+async def _run(spec: _RunSpec) -> tuple[list[float], dict[str, list[float]], float, list[dict[str, float]]]:
     window_start = spec.start_at + spec.warmup_s
     window_end = window_start + spec.duration_s
     latencies: list[float] = []
     errors: dict[str, list[float]] = {}
+    timings: list[dict[str, float]] = []
     connections = await asyncio.gather(*(_connect(spec) for _ in range(spec.users)), return_exceptions=True)
     await asyncio.sleep(max(0.0, spec.start_at - time.monotonic()))
-    users = [asyncio.ensure_future(_user(spec, spec.first_user + i, conn, window_start, window_end, latencies, errors))
+    users = [asyncio.ensure_future(_user(spec, spec.first_user + i, conn, window_start, window_end, latencies, errors,
+                                         timings))
              for i, conn in enumerate(connections)]
     await asyncio.sleep(max(0.0, window_start - time.monotonic()))
     cpu_start = time.process_time()
@@ -190,7 +198,7 @@ async def _run(spec: _RunSpec) -> tuple[list[float], dict[str, list[float]], flo
     for task in pending:  # a response that never came: count it, drop the connection
         task.cancel()
         errors.setdefault("drain_timeout", []).append(DRAIN_TIMEOUT_S)
-    return latencies, errors, cpu_s
+    return latencies, errors, cpu_s, timings
 
 
 async def _connect(spec: _RunSpec):
@@ -198,7 +206,7 @@ async def _connect(spec: _RunSpec):
 
 
 async def _user(spec: _RunSpec, index: int, connection, window_start: float, window_end: float,
-                latencies: list[float], errors: dict[str, list[float]]) -> None:
+                latencies: list[float], errors: dict[str, list[float]], timings: list[dict[str, float]]) -> None:
     reader = writer = None
     if not isinstance(connection, BaseException):
         reader, writer = connection
@@ -209,15 +217,17 @@ async def _user(spec: _RunSpec, index: int, connection, window_start: float, win
                 if writer is None:
                     reader, writer = await _connect(spec)
                 writer.write(spec.requests[index % count])
-                status, close, retry_after_s = await _read_response(reader)
+                status, close, retry_after_s, timing = await _read_response(reader)
             except (OSError, asyncio.IncompleteReadError, ValueError) as error:
-                status, close, retry_after_s = type(error).__name__, True, None
+                status, close, retry_after_s, timing = type(error).__name__, True, None, None
                 await asyncio.sleep(0.01)  # a refused connection must not turn into a busy loop
             done = time.monotonic()
             index += 1
             if window_start <= done <= window_end:
                 if status == 200:
                     latencies.append(done - sent)
+                    if timing:
+                        timings.append(timing)
                 else:
                     errors.setdefault(str(status), []).append(done - sent)
             if close and writer is not None:
@@ -230,13 +240,13 @@ async def _user(spec: _RunSpec, index: int, connection, window_start: float, win
             writer.close()
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, float | None]:
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, float | None, dict[str, float] | None]:
     """Read one HTTP/1.1 response; returns (status, whether the server closes the connection, its Retry-After in
-    seconds when it has one)."""
+    seconds when it has one, its Server-Timing metrics when it has them)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split(None, 2)[1])
-    length, chunked, close, retry_after_s = None, False, False, None
+    length, chunked, close, retry_after_s, timing = None, False, False, None, None
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         name, value = name.strip().lower(), value.strip().lower()
@@ -248,6 +258,8 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, float
             close = value == b"close"
         elif name == b"retry-after" and value.isdigit():
             retry_after_s = float(value)
+        elif name == b"server-timing":
+            timing = parse_server_timing(value.decode("latin-1"))
     if chunked:
         while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
             await reader.readexactly(size + 2)
@@ -257,7 +269,18 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, float
     else:
         await reader.read()
         close = True
-    return status, close, retry_after_s
+    return status, close, retry_after_s, timing
+
+
+def parse_server_timing(value: str) -> dict[str, float]:
+    """W3C Server-Timing (`name;dur=ms;desc="..."`, comma-separated) -> {name: dur} for the metrics that have a dur."""
+    metrics = {}
+    for entry in value.split(","):
+        name, *params = [part.strip() for part in entry.split(";")]
+        durations = [param.split("=", 1)[1] for param in params if param.lower().startswith("dur=")]
+        if name and durations:
+            metrics[name] = float(durations[0])
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------ the trivial endpoint

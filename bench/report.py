@@ -194,6 +194,21 @@ def print_summary(results: dict) -> None:
                   f"{fmt(row['images_per_s_c16']):>7} {fmt(row['x_raw_ort_fp32'], 2):>7} {fmt(row['over_own_raw_c16'], 2):>6} "
                   f"{fmt(row['p50_c1_ms'], 2):>8} {fmt(row['p50_c1_minus_raw_batch1_ms'], 2):>6} "
                   f"{fmt(row['top1_agreement'], 3):>6}")
+    breakdown = lone_request_breakdown(results["samples"])
+    if breakdown:
+        print("\nwhere a lone request's time goes (c=1, ms, medians over rounds of each run's medians; the server's parts "
+              "from its Server-Timing header):")
+        print(f"  {'model':<9} {'contender':<28} {'variant':<12} {'p50':>7} {'raw b1':>7} {'excess':>7} {'decode':>7} "
+              f"{'queue':>6} {'infer':>7} {'-raw':>6} {'server':>7} {'outside':>7}")
+        for row in breakdown:
+            print(f"  {row['model']:<9} {row['contender']:<28} {row['variant']:<12} {fmt(row['p50_ms'], 2):>7} "
+                  f"{fmt(row['raw_batch1_ms'], 2):>7} {fmt(row['excess_ms'], 2):>7} {fmt(row['decode_ms'], 2):>7} "
+                  f"{fmt(row['queue_ms'], 2):>6} {fmt(row['inference_ms'], 2):>7} {fmt(row['inference_over_raw_ms'], 2):>6} "
+                  f"{fmt(row['server_rest_ms'], 2):>7} {fmt(row['outside_server_ms'], 2):>7}")
+        print("  excess = p50 - raw b1 (the raw runtime's batch-1 latency around the run) = decode + queue + (infer - raw) "
+              "+ server (the rest of the server's total: HTTP, parsing, answer, thread hand-overs) + outside (p50 - the "
+              "server's total: the client, the socket and what runs before the request's clock starts); medians, so "
+              "the parts add up only about")
     print("\nphysical limit (CPU per image = inference at the best runners x batch, x cores + decode/resize; shared over the cores):")
     for row in results["physical_limits"]:
         fractions = ", ".join(f"c={c}: {f:.2f}" for c, f in row["vitserve_fraction_of_limit"].items())
@@ -236,6 +251,31 @@ def speed_and_agreement(results: dict) -> list[dict]:
             "p50_c1_minus_raw_batch1_ms": None if contender in RAW else
             value(paired(samples, "", model, 1, (contender, variant), (raw, variant), "p50_ms", difference=True)),
             "top1_agreement": agreement.get((model, raw, variant)),
+        })
+    return rows
+
+
+def lone_request_breakdown(samples: list[dict]) -> list[dict]:
+    """Per server (model, contender, variant) measured at c=1 with Server-Timing answers: its p50's excess over its raw
+    runtime's batch-1 latency (measured around its run), split into the server's decode, queue wait, inference over
+    raw, the rest of the server's time, and what lies outside the server's clock."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for sample in samples:
+        if sample["concurrency"] == 1 and sample.get("server_timing_p50_ms"):
+            groups[(sample["model"], sample["contender"], sample["variant"])].append(sample)
+    rows = []
+    for (model, contender, variant), group in sorted(groups.items()):
+        def part(name: str) -> float | None:
+            return _median([s["server_timing_p50_ms"].get(name) for s in group])
+
+        p50, raw = _median([s.get("p50_ms") for s in group]), _median([s.get(BRACKETED_RAW_P50) for s in group])
+        decode, queue, inference, total = part("decode"), part("queue"), part("inference"), part("total")
+        known = None if None in (decode, queue, inference, total) else total - decode - queue - inference
+        rows.append({
+            "model": model, "contender": contender, "variant": variant, "p50_ms": p50, "raw_batch1_ms": raw,
+            "excess_ms": None if None in (p50, raw) else p50 - raw, "decode_ms": decode, "queue_ms": queue,
+            "inference_ms": inference, "inference_over_raw_ms": None if None in (inference, raw) else inference - raw,
+            "server_rest_ms": known, "outside_server_ms": None if None in (p50, total) else p50 - total,
         })
     return rows
 

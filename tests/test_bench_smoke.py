@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from bench import report
 
 ROOT = Path(__file__).resolve().parents[1]
 ALWAYS = {"raw", "vitserve", "vitserve-nobatch", "v2", "v2-bytes"}  # need only what the project itself installs
@@ -44,6 +49,16 @@ def test_smoke_benchmark_writes_json_and_png_with_every_contender(tmp_path):
     [excess] = [r for r in results["ratios"] if r["name"] == "p50(c=1) - raw batch-1 latency" and r["a"] == "vitserve/fp32"]
     assert excess["per_round"] == [lone[i]["p50_ms"] - lone[i]["raw_batch1_p50_ms"] for i in sorted(lone)]
     assert all(lone[i]["raw_batch1_p50_ms"] > 0 for i in lone)
+    # and split by the server's own Server-Timing answers: decode and inference are the server's, the rest is outside
+    assert all(lone[i]["server_timing_p50_ms"]["decode"] > 0 and lone[i]["server_timing_p50_ms"]["inference"] > 0
+               for i in lone)
+    [breakdown] = [row for row in report.lone_request_breakdown(results["samples"])
+                   if (row["contender"], row["variant"]) == ("vitserve", "fp32")]
+    assert breakdown["excess_ms"] == pytest.approx(statistics.median(s["p50_ms"] for s in lone.values())
+                                                   - statistics.median(s["raw_batch1_p50_ms"] for s in lone.values()))
+    assert 0 < breakdown["decode_ms"] < breakdown["p50_ms"] and breakdown["outside_server_ms"] > 0
+    assert "where a lone request's time goes" in completed.stdout
+    assert not any(row["contender"] in ("naive", "litserve") for row in report.lone_request_breakdown(results["samples"]))
     for protocol in ("v2", "v2-bytes"):  # the same server over V2, against raw ORT and /classify
         assert {f"{protocol} / raw ORT", f"{protocol} / vitserve", f"{protocol} p50(c=1) / vitserve p50"} <= names
     # the V2 requests carry the same image as /classify's (pixels after the service's own decode and resize, or the
