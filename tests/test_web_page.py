@@ -165,6 +165,21 @@ def test_a_real_photo_gets_labels_with_score_bars(browser, server, uploads):
     screenshot(find(browser, "body"), "classify.png")
 
 
+def test_the_browser_reads_where_a_classification_spent_its_time(browser, server, uploads):
+    """Chromium's own Server-Timing parser (the Resource Timing API, what developer tools chart) reads the answer."""
+    open_page(browser, server.url + PAGE_URL)
+    choose(browser, uploads["grace_hopper.jpg"])
+    run_tab(browser, "classify")
+    wait(browser, lambda d: len(find_all(d, "#classify-results .card")) == 1)
+    timings = browser.execute_script(
+        "return performance.getEntriesByType('resource').filter(e => new URL(e.name).pathname === '/classify')"
+        ".map(e => e.serverTiming.map(t => [t.name, t.duration]));")
+    [metrics] = [dict(entry) for entry in timings]
+    assert set(metrics) == {"decode", "queue", "inference", "total"}
+    assert metrics["decode"] > 0 and metrics["inference"] > 0
+    assert metrics["decode"] + metrics["queue"] + metrics["inference"] <= metrics["total"] + 0.02
+
+
 def test_dropped_files_are_added_like_chosen_ones(browser, server, uploads):
     """A drop of two files on the drop zone (a DataTransfer holding real PNG bytes, as a drag from the desktop makes)."""
     open_page(browser, server.url + PAGE_URL)
