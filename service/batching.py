@@ -352,7 +352,7 @@ class MicroBatcher:
         now = asyncio.get_running_loop().time()
         for request, _, count in batch.slices:
             if request.started_at is None:
-                request.started_at = now
+                request.started_at = time.perf_counter()
             for _ in range(count):
                 self._notify("queue_wait", now - request.enqueued_at)
 

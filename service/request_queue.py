@@ -56,7 +56,9 @@ class QueuedRequest:
     taken: int = 0  # images handed to the runner so far
     done: int = 0  # images with results
     timer: asyncio.TimerHandle | None = None
-    started_at: float | None = None  # loop time its first batch started
+    # for its Server-Timing: perf_counter() values (uvloop's loop time counts whole milliseconds)
+    queued_at: float = dataclasses.field(default_factory=time.perf_counter)
+    started_at: float | None = None  # when its first batch started
     inference_s: float = 0.0  # the run times of the batches that held its images, added up
 
     def __post_init__(self) -> None:
@@ -65,7 +67,7 @@ class QueuedRequest:
     @property
     def queued_s(self) -> float:
         """From the queue to its first batch's start."""
-        return (self.started_at if self.started_at is not None else self.enqueued_at) - self.enqueued_at
+        return (self.started_at if self.started_at is not None else self.queued_at) - self.queued_at
 
     @property
     def untaken(self) -> int:

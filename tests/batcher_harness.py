@@ -60,8 +60,9 @@ class RecordingObserver(NullObserver):
         self.rejections.append(reason)
 
 
-def run(test_body, model: FakeModel, **options):
-    """Build a started batcher, hand it to `test_body`, and always release and stop it."""
+def run(test_body, model: FakeModel, loop_factory=None, **options):
+    """Build a started batcher, hand it to `test_body`, and always release and stop it (on `loop_factory`'s event
+    loop: asyncio's by default; the service runs on uvloop's)."""
     options = {"max_batch_size": 4, "max_delay_ms": 20, "max_queue_images": 64, **options}
 
     async def main():
@@ -73,7 +74,8 @@ def run(test_body, model: FakeModel, **options):
             model.release.set()
             await batcher.stop(drain=False, timeout=5)
 
-    return asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main())
 
 
 async def hold_runner(batcher: MicroBatcher, model: FakeModel) -> asyncio.Task:

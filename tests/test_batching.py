@@ -7,9 +7,10 @@ import asyncio
 import time
 
 import pytest
+import uvloop
 from batcher_harness import FakeModel, RecordingObserver, hold_runner, run, until_queued
 
-from service.batching import MicroBatcher
+from service.batching import BatchTiming, MicroBatcher
 from service.errors import InferenceFailed, NotReady, Overloaded
 
 
@@ -40,6 +41,31 @@ def test_lone_request_is_not_delayed():
 
     latencies = run(body, model, max_delay_ms=500)
     assert max(latencies) < 0.1
+
+
+def test_a_request_learns_its_queue_wait_and_inference_time():
+    """What the Server-Timing header reports: a lone request waits well under a millisecond (timed with perf_counter,
+    not uvloop's whole-millisecond loop clock); one queued behind a held batch waits as long as that batch ran; the
+    inference time is its own batch's, as the observer sees it."""
+    model = FakeModel(delay=0.02)
+    observer = RecordingObserver()
+
+    async def body(batcher):
+        lone = BatchTiming()
+        await batcher.submit(["a"], timing=lone)
+        held = await hold_runner(batcher, model)
+        behind = BatchTiming()
+        waiting = asyncio.ensure_future(batcher.submit(["b"], timing=behind))
+        await asyncio.sleep(0.05)
+        model.release.set()
+        await held
+        await waiting
+        return lone, behind
+
+    lone, behind = run(body, model, loop_factory=uvloop.new_event_loop, observer=observer, instances=1)
+    assert 0 < lone.queued_s < 0.001
+    assert lone.inference_s == observer.runs[0][1] and lone.inference_s >= 0.02
+    assert behind.queued_s >= 0.05 and behind.inference_s == observer.runs[-1][1]
 
 
 def test_under_load_waits_up_to_max_delay_to_fill_a_batch():
