@@ -349,12 +349,12 @@ class MicroBatcher:
         self._notify("queue_depth", self.queued_images)
 
     def _started(self, batch: _Batch) -> None:
-        now = asyncio.get_running_loop().time()
+        now = time.perf_counter()  # not the loop's clock: uvloop's counts whole milliseconds
         for request, _, count in batch.slices:
             if request.started_at is None:
-                request.started_at = time.perf_counter()
+                request.started_at = now
             for _ in range(count):
-                self._notify("queue_wait", now - request.enqueued_at)
+                self._notify("queue_wait", now - request.queued_at)
 
     def _finished(self, batch: _Batch) -> None:
         """A worker thread is free: the staged batch, if any, runs now."""

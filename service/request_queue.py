@@ -56,7 +56,7 @@ class QueuedRequest:
     taken: int = 0  # images handed to the runner so far
     done: int = 0  # images with results
     timer: asyncio.TimerHandle | None = None
-    # for its Server-Timing: perf_counter() values (uvloop's loop time counts whole milliseconds)
+    # perf_counter() values, for its queue wait (uvloop's loop time counts whole milliseconds)
     queued_at: float = dataclasses.field(default_factory=time.perf_counter)
     started_at: float | None = None  # when its first batch started
     inference_s: float = 0.0  # the run times of the batches that held its images, added up

@@ -63,7 +63,7 @@ def test_a_request_learns_its_queue_wait_and_inference_time():
         return lone, behind
 
     lone, behind = run(body, model, loop_factory=uvloop.new_event_loop, observer=observer, instances=1)
-    assert 0 < lone.queued_s < 0.001
+    assert 0 < lone.queued_s < 0.001 and observer.waits[0] == lone.queued_s  # the metric's wait is the header's
     assert lone.inference_s == observer.runs[0][1] and lone.inference_s >= 0.02
     assert behind.queued_s >= 0.05 and behind.inference_s == observer.runs[-1][1]
 
