@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -26,34 +27,38 @@ async def serve_task(request: Request, state: ServiceState, handler: TaskHandler
     images, params = await within_server_deadline(
         state, arrived, read_request(request, state.settings.max_images_per_request, handler.params_type))
     media_type = handler.media_type(request.headers.get("accept", ""), len(images))
-    timing = BatchTiming()
+    timing = RequestTiming()
     with state.model_for(handler.task, params.model, params.version).lease() as model:  # held until answered
         deadline = request_deadline(state, params.timeout_ms, arrived=arrived)
         with model.batcher.admit(len(images), deadline) as admission:  # refused now, before any decoding
-            decoding = time.perf_counter()
-            prepared = await prepare_images(state, model, images, keep_source=handler.keeps_source(params))
-            decode_s = time.perf_counter() - decoding
+            prepared = await prepare_images(state, model, images, keep_source=handler.keeps_source(params), timing=timing)
             work = handler.batch_work(prepared, params, model)
             outputs = await model.batcher.submit(work.items, deadline=deadline, is_disconnected=disconnect_probe(request),
-                                                 batch_key=work.batch_key, admission=admission, timing=timing)
+                                                 batch_key=work.batch_key, admission=admission, timing=timing.batch)
         if handler.responds_off_loop(params):
             response = await asyncio.get_running_loop().run_in_executor(
                 state.decode_pool, handler.respond, model, params, prepared, outputs, media_type)
         else:
             response = handler.respond(model, params, prepared, outputs, media_type)
-    response.headers[SERVER_TIMING] = server_timing(decode_s, timing, time.monotonic() - arrived)
+    timing.add_header(response, arrived)
     return response
 
 
-SERVER_TIMING = "Server-Timing"
+@dataclasses.dataclass
+class RequestTiming:
+    """Where one request's time went, for the W3C Server-Timing header of its answer (milliseconds; browsers'
+    developer tools chart it): decoding and resizing its images, waiting for a batch, the runtime's time for its
+    batches, and all of it from the request's arrival to the answer made. What the total leaves over is HTTP, parsing,
+    the answer and the hand-overs between threads."""
 
+    decode_s: float = 0.0
+    batch: BatchTiming = dataclasses.field(default_factory=BatchTiming)
 
-def server_timing(decode_s: float, timing: BatchTiming, total_s: float) -> str:
-    """The W3C Server-Timing header of an answer (milliseconds; browsers' developer tools chart it): decoding and
-    resizing its images, waiting for a batch, the runtime's time for its batches, and all of it from the request's
-    arrival to the answer made. What total leaves over is HTTP, parsing and the hand-overs between threads."""
-    return (f"decode;dur={decode_s * 1e3:.2f}, queue;dur={timing.queued_s * 1e3:.2f}, "
-            f"inference;dur={timing.inference_s * 1e3:.2f}, total;dur={total_s * 1e3:.2f}")
+    def add_header(self, response: Response, arrived: float) -> None:
+        """`arrived`: the request's time.monotonic() arrival (its scope state's)."""
+        response.headers["Server-Timing"] = (
+            f"decode;dur={self.decode_s * 1e3:.2f}, queue;dur={self.batch.queued_s * 1e3:.2f}, "
+            f"inference;dur={self.batch.inference_s * 1e3:.2f}, total;dur={(time.monotonic() - arrived) * 1e3:.2f}")
 
 
 def disconnect_probe(request: Request) -> Callable[[], Awaitable[bool]]:
@@ -69,9 +74,10 @@ def disconnect_probe(request: Request) -> Callable[[], Awaitable[bool]]:
 
 
 async def prepare_images(state: ServiceState, model: ServedModel, images: list[bytes | str],
-                         keep_source: bool = False) -> list[PreparedImage]:
+                         keep_source: bool = False, timing: RequestTiming | None = None) -> list[PreparedImage]:
     """Decode and resize every image in the decode threads; the lowest-index failure is reported and nothing is inferred.
-    Callers admit the request on the model's batcher first (`MicroBatcher.admit`)."""
+    Callers admit the request on the model's batcher first (`MicroBatcher.admit`). `timing` learns how long it took."""
+    started = time.perf_counter()
     loop = asyncio.get_running_loop()
     jobs = [loop.run_in_executor(state.decode_pool, functools.partial(_decode_and_prepare, data, model, state, i, keep_source))
             for i, data in enumerate(images)]
@@ -82,6 +88,8 @@ async def prepare_images(state: ServiceState, model: ServedModel, images: list[b
             raise failure
         finally:  # the traceback holds this frame: locals reaching the exception (its future too) would make a cycle
             del failure, results, jobs
+    if timing is not None:
+        timing.decode_s = time.perf_counter() - started
     return results
 
 

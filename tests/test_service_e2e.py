@@ -129,17 +129,26 @@ def test_concurrent_requests_are_batched(client, server):
     assert sample(metrics, 'vitserve_requests_total{method="POST",route="/classify",status="200"}') >= 48
 
 
-@pytest.mark.parametrize("path, data", [("/classify", {}), ("/embed", {}), ("/reconstruct", {"seed": "1"})])
-def test_answers_say_where_their_time_went(client, path, data):
+def v2_bytes_request(image: bytes) -> dict:
+    return {"json": {"inputs": [{"name": "image_bytes", "shape": [1], "datatype": "BYTES",
+                                 "data": [base64.b64encode(image).decode()]}]}}
+
+
+@pytest.mark.parametrize("model, path, request_of", [
+    ("shapes", "/classify", lambda image: {"files": files([image])}),
+    ("mae-embed", "/embed", lambda image: {"files": files([image])}),
+    ("mae-reconstruct", "/reconstruct", lambda image: {"files": files([image]), "data": {"seed": "1"}}),
+    ("shapes", "/v2/models/shapes/infer", v2_bytes_request),
+])
+def test_answers_say_where_their_time_went(client, model, path, request_of):
     before = client.get("/metrics").text
-    response = client.post(path, files=files(shapes(1)), data=data)
+    response = client.post(path, **request_of(shapes(1)[0]))
     assert response.status_code == 200, response.text
     timing = parse_server_timing(response.headers["server-timing"])  # the benchmark's reader (Chromium's: test_web_page)
     assert set(timing) == {"decode", "queue", "inference", "total"}
     assert all(value >= 0 for value in timing.values()) and timing["decode"] > 0 and timing["inference"] > 0
     assert timing["decode"] + timing["queue"] + timing["inference"] <= timing["total"] + 0.02  # parts of it, rounded
     # the same runtime time that /metrics adds up (this request's one batch)
-    model = response.json()["model"]
     name = f'vitserve_inference_seconds_sum{{model="{model}"}}'
     ran_ms = (sample(client.get("/metrics").text, name) - (sample(before, name) if name in before else 0.0)) * 1e3
     assert timing["inference"] == pytest.approx(ran_ms, abs=0.02)

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from ..errors import NotFound, NotReady
-from ..inference import disconnect_probe, prepare_images, request_deadline, within_server_deadline
+from ..inference import RequestTiming, disconnect_probe, prepare_images, request_deadline, within_server_deadline
 from ..state import ServedModel, ServiceState
 from ..tasks import PreparedImage
 from ..tasks.base import Item
@@ -58,21 +58,26 @@ async def _serve_infer(request: Request, state: ServiceState, model: ServedModel
     large = len(header) > LARGE_JSON_BYTES
 
     parsed = await run(state, large, parse_request, header, has_binary_part)
+    arrived, timing = request.scope["state"]["arrived"], RequestTiming()
     plans, outputs = await infer_tensors(state, model, parsed, lambda given: tensor_data(given, binary, has_binary_part),
-                                         off_loop=large, arrived=request.scope["state"]["arrived"],
-                                         is_disconnected=disconnect_probe(request))
+                                         off_loop=large, arrived=arrived, is_disconnected=disconnect_probe(request),
+                                         timing=timing)
     json_elements = sum(outputs[0][plan.name].size for plan in plans if not plan.binary) * len(outputs)
-    return await run(state, json_elements > LARGE_JSON_OUTPUT_ELEMENTS,
-                     lambda: encode_response(parsed, model, plans, outputs).to_response())
+    response = await run(state, json_elements > LARGE_JSON_OUTPUT_ELEMENTS,
+                         lambda: encode_response(parsed, model, plans, outputs).to_response())
+    timing.add_header(response, arrived)
+    return response
 
 
 async def infer_tensors(state: ServiceState, model: ServedModel, parsed: InferenceRequest,
                         read_tensors: Callable[[dict[str, RequestInput]], dict], *, off_loop: bool, arrived: float,
                         is_disconnected: Callable[[], Awaitable[bool]] | None,
-                        timeout_ms: int | None = None) -> tuple[list[OutputPlan], list[Item]]:
+                        timeout_ms: int | None = None, timing: RequestTiming | None = None,
+                        ) -> tuple[list[OutputPlan], list[Item]]:
     """The middle of an inference, for any protocol: checks (outputs, inputs, limits, queue admission), the protocol's
     `read_tensors` (each checked input's data), images, the model's batcher. `timeout_ms`: the protocol's own deadline
-    (a gRPC deadline), besides Triton's `timeout` parameter; the server's caps both."""
+    (a gRPC deadline), besides Triton's `timeout` parameter; the server's caps both. `timing` learns where the time
+    went (decoding stays 0 for pixels sent as they are)."""
     plans = plan_outputs(parsed, model)
     given, batch = check_inputs(parsed, model, state.settings.max_images_per_request)
     budgets = [ms for ms in (_timeout_ms(parsed.parameters), timeout_ms) if ms]
@@ -82,10 +87,11 @@ async def infer_tensors(state: ServiceState, model: ServedModel, parsed: Inferen
         if inputs.pixels is not None:
             images = [PreparedImage(pixels) for pixels in inputs.pixels]
         else:
-            images = await prepare_images(state, model, inputs.encoded)
+            images = await prepare_images(state, model, inputs.encoded, timing=timing)
         work = batch_work(model, inputs, images)
         outputs = await model.batcher.submit(work.items, deadline=deadline, is_disconnected=is_disconnected,
-                                             batch_key=work.batch_key, admission=admission)
+                                             batch_key=work.batch_key, admission=admission,
+                                             timing=timing.batch if timing is not None else None)
     return plans, outputs
 
 
