@@ -270,12 +270,12 @@ def lone_request_breakdown(samples: list[dict]) -> list[dict]:
 
         p50, raw = _median([s.get("p50_ms") for s in group]), _median([s.get(BRACKETED_RAW_P50) for s in group])
         decode, queue, inference, total = part("decode"), part("queue"), part("inference"), part("total")
-        known = None if None in (decode, queue, inference, total) else total - decode - queue - inference
+        rest = None if None in (decode, queue, inference, total) else total - decode - queue - inference
         rows.append({
             "model": model, "contender": contender, "variant": variant, "p50_ms": p50, "raw_batch1_ms": raw,
             "excess_ms": None if None in (p50, raw) else p50 - raw, "decode_ms": decode, "queue_ms": queue,
             "inference_ms": inference, "inference_over_raw_ms": None if None in (inference, raw) else inference - raw,
-            "server_rest_ms": known, "outside_server_ms": None if None in (p50, total) else p50 - total,
+            "server_rest_ms": rest, "outside_server_ms": None if None in (p50, total) else p50 - total,
         })
     return rows
 
