@@ -76,6 +76,14 @@ class Server:
             time.sleep(0.1)
         raise RuntimeError("vit-serve did not reach the expected state")
 
+    def exit_status(self, timeout: float = 30) -> int:
+        """After the test's own SIGTERM: the status the server exits with by itself. Not stop(): a second SIGTERM that
+        lands once uvicorn has given the signal its default action back (the process on its way out) kills it: -15."""
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self.log.close()
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -304,6 +305,12 @@ def slow_png() -> bytes:
     return buffer.getvalue()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_sigterm_lets_a_call_in_flight_finish_then_exits_0(serving_repo):
     srv = grpc_server(serving_repo)
     images = [slow_png()] * 4
@@ -317,16 +324,19 @@ def test_sigterm_lets_a_call_in_flight_finish_then_exits_0(serving_repo):
             outcome["error"] = error
         outcome["finished"] = time.monotonic()
 
+    busy_before = cpu_seconds(srv.process.pid)
     caller = threading.Thread(target=call)
     caller.start()
-    time.sleep(0.4)  # the call has arrived and is decoding
+    # the call has arrived and is decoding: the idle server has used 0.1 s of CPU on it (a fixed sleep raced the call's
+    # arrival on a loaded machine: SIGTERM found nothing in flight and the server was gone before the next call)
+    srv.wait_until(lambda: cpu_seconds(srv.process.pid) - busy_before >= 0.1, timeout=30)
     signalled = time.monotonic()
     srv.process.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     grpc_error(lambda: client.infer("shapes", [bytes_input(shapes(1))]), "UNAVAILABLE", "the server is shutting down")
     caller.join(timeout=30)
     client.close()
-    assert srv.stop() == 0
+    assert srv.exit_status() == 0
     error = outcome.get("error")
     assert error is None, (error.status(), error.message())
     assert outcome["finished"] > signalled, "the call ended before SIGTERM: nothing was in flight to test"
