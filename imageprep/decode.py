@@ -38,6 +38,16 @@ def decode_bytes(data: bytes, limits: ImageLimits | None = None, *, index: int =
     return _decode(data, limits, index=index, name=f"image {index}", target=target)
 
 
+def header_pixels(data: bytes) -> int | None:
+    """Width x height from the header alone (nothing decoded); None when the bytes are no readable image of ours."""
+    try:
+        with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as image:
+            width, height = image.size
+    except Exception:  # noqa: BLE001 - decoding will say what is wrong, in the place that reports it
+        return None
+    return width * height
+
+
 def decode_path(path: str | Path, limits: ImageLimits | None = None, *, target: ResizeSpec | None = None) -> Image.Image:
     """A file -> RGB image, upright: exactly `decode_bytes` of its contents. Errors name the file."""
     path = Path(path)

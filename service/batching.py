@@ -343,9 +343,12 @@ class MicroBatcher:
         """Hand the batch to the worker thread: it starts now, or (staged) when the running batch ends."""
         batch = _Batch(selection, alone=not self._in_flight)
         self._in_flight.append(batch)
-        batch.task = asyncio.get_running_loop().create_task(self._run(batch))
         if len(self._in_flight) <= self.instances:
             self._started(batch)
+        loop = asyncio.get_running_loop()
+        # Handed to the worker thread now rather than from the task's first step: one turn of the loop sooner.
+        running = loop.run_in_executor(self._executor, self._call_model, batch.items(), batch.alone)
+        batch.task = loop.create_task(self._run(batch, running))
         self._notify("queue_depth", self.queued_images)
 
     def _started(self, batch: _Batch) -> None:
@@ -366,24 +369,23 @@ class MicroBatcher:
             self._notify("queue_depth", self.queued_images)
         self._wakeup.set()
 
-    async def _run(self, batch: _Batch) -> None:
-        items = batch.items()
-        loop = asyncio.get_running_loop()
+    async def _run(self, batch: _Batch, running: asyncio.Future) -> None:
+        size = batch.size
         try:
-            outputs, seconds = await loop.run_in_executor(self._executor, self._call_model, items, batch.alone)
+            outputs, seconds = await running
         except asyncio.CancelledError:  # stop() gave up waiting: nobody will get these results
             for request, _, _ in batch.slices:
                 self._fail(request, NotReady(f"model '{self.name}' shut down"), reason="shutdown")
             raise
         except Exception:
-            log.exception("model '%s' failed on a batch of %d images", self.name, len(items))
-            error = InferenceFailed(f"model '{self.name}' failed to run a batch of {len(items)} images")
+            log.exception("model '%s' failed on a batch of %d images", self.name, size)
+            error = InferenceFailed(f"model '{self.name}' failed to run a batch of {size} images")
             for request, _, _ in batch.slices:
                 self._withdraw(request, reason=None)
                 request.fail(error)
         else:
-            self._queue.record_batch(len(items), seconds)
-            self._notify("batch_run", len(items), seconds)
+            self._queue.record_batch(size, seconds)
+            self._notify("batch_run", size, seconds)
             offset = 0
             for request, start, count in batch.slices:
                 request.inference_s += seconds

@@ -23,11 +23,11 @@ import numpy as np
 from PIL import Image
 
 import imageprep
-from imageprep import ResizeSpec, resize_for_model
+from imageprep import ResizeSpec, header_pixels, resize_for_model
 from service.errors import InvalidImage, PayloadTooLarge
 
 __all__ = [
-    "ImageLimits", "ResizeSpec", "decode_base64_image", "decode_image", "encode_png",
+    "ImageLimits", "ResizeSpec", "decode_base64_image", "decode_image", "encode_png", "header_pixels",
     "prepare_image", "resize_for_model",
 ]
 

@@ -3,8 +3,10 @@ and whether it is ready."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -32,12 +34,27 @@ class ServiceState:
     # tune the garbage collector once the models are loaded (service.loading.settle_garbage_collector).
     settle_collector: bool = False
     control: ModelControl = field(init=False)
+    requests_at_work: int = 0  # admitted and not answered yet, over every model and protocol (see `at_work`)
 
     def __post_init__(self) -> None:
         self.control = ModelControl(self.settings, self.metrics,
                                     start=functools.partial(start_version, self.settings, self.metrics),
                                     stop=functools.partial(stop_version, timeout_s=self.settings.drain_timeout_s),
                                     draining=lambda: self.draining)
+
+    @contextlib.contextmanager
+    def at_work(self) -> Iterator[None]:
+        """Counts a request from its admission to its answer: decoding, queued or running on any model."""
+        self.requests_at_work += 1
+        try:
+            yield
+        finally:
+            self.requests_at_work -= 1
+
+    @property
+    def alone_at_work(self) -> bool:
+        """Whether the request asking is the only one at work: nothing else needs the event loop or the cores."""
+        return self.requests_at_work <= 1
 
     @property
     def models(self) -> dict[str, ServedModel]:

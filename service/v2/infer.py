@@ -82,7 +82,8 @@ async def infer_tensors(state: ServiceState, model: ServedModel, parsed: Inferen
     given, batch = check_inputs(parsed, model, state.settings.max_images_per_request)
     budgets = [ms for ms in (_timeout_ms(parsed.parameters), timeout_ms) if ms]
     deadline = request_deadline(state, min(budgets, default=None), arrived=arrived)
-    with model.batcher.admit(batch, deadline) as admission:  # refused now, before any tensor is converted or image decoded
+    # refused now, before any tensor is converted or image decoded
+    with model.batcher.admit(batch, deadline) as admission, state.at_work():
         inputs = await run(state, off_loop, lambda: model_inputs(parsed, read_tensors(given), batch, model))
         if inputs.pixels is not None:
             images = [PreparedImage(pixels) for pixels in inputs.pixels]
