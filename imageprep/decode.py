@@ -38,16 +38,6 @@ def decode_bytes(data: bytes, limits: ImageLimits | None = None, *, index: int =
     return _decode(data, limits, index=index, name=f"image {index}", target=target)
 
 
-def header_pixels(data: bytes) -> int | None:
-    """Width x height from the header alone (nothing decoded); None when the bytes are no readable image of ours."""
-    try:
-        with Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS) as image:
-            width, height = image.size
-    except Exception:  # noqa: BLE001 - decoding will say what is wrong, in the place that reports it
-        return None
-    return width * height
-
-
 def decode_path(path: str | Path, limits: ImageLimits | None = None, *, target: ResizeSpec | None = None) -> Image.Image:
     """A file -> RGB image, upright: exactly `decode_bytes` of its contents. Errors name the file."""
     path = Path(path)
@@ -61,7 +51,22 @@ def decode_path(path: str | Path, limits: ImageLimits | None = None, *, target: 
     return _decode(data, limits, index=0, name=str(path), target=target)
 
 
+def open_bytes(data: bytes, limits: ImageLimits | None = None, *, index: int = 0) -> Image.Image:
+    """Bytes -> an image whose header is read and checked against the limits, not one pixel decoded yet (Pillow is
+    lazy): its size tells what decoding it will cost. `decode_opened` finishes it."""
+    return _open(data, limits, index=index, name=f"image {index}")
+
+
+def decode_opened(image: Image.Image, *, index: int = 0, target: ResizeSpec | None = None) -> Image.Image:
+    """An image from `open_bytes` -> RGB image, upright: `decode_bytes` in two steps."""
+    return _finish(image, index=index, name=f"image {index}", target=target)
+
+
 def _decode(data: bytes, limits: ImageLimits | None, *, index: int, name: str, target: ResizeSpec | None) -> Image.Image:
+    return _finish(_open(data, limits, index=index, name=name), index=index, name=name, target=target)
+
+
+def _open(data: bytes, limits: ImageLimits | None, *, index: int, name: str) -> Image.Image:
     if not data:
         raise ImageDecodeError(f"{name} is empty", index=index)
     if limits is not None and len(data) > limits.max_body_bytes:
@@ -84,6 +89,11 @@ def _decode(data: bytes, limits: ImageLimits | None, *, index: int, name: str, t
         )
     if width < 1 or height < 1:
         raise ImageDecodeError(f"{name} has no pixels ({width}x{height})", index=index)
+    return image
+
+
+def _finish(image: Image.Image, *, index: int, name: str, target: ResizeSpec | None) -> Image.Image:
+    width, height = image.size
     fmt = image.format or "unknown"
     try:
         if target is not None and fmt in ("JPEG", "MPO"):

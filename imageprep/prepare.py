@@ -1,15 +1,21 @@
-"""Encoded image -> the model's uint8 (H, W, 3) pixels: decode (target-aware), then resize."""
+"""Encoded image (or one opened by `open_bytes`) -> the model's uint8 (H, W, 3) pixels: decode (target-aware), then resize."""
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
-from .decode import decode_bytes
+from .decode import decode_bytes, decode_opened
 from .limits import ImageLimits
 from .resize import ResizeSpec, resize_for_model
 
 
-def prepare(data: bytes, spec: ResizeSpec, limits: ImageLimits | None = None, *, index: int = 0,
+def prepare(data: bytes | Image.Image, spec: ResizeSpec, limits: ImageLimits | None = None, *, index: int = 0,
             draft: bool = True) -> np.ndarray:
-    """Bytes -> C-contiguous uint8 (H, W, 3). `draft=False` decodes a large JPEG at full scale first."""
-    image = decode_bytes(data, limits, index=index, target=spec if draft else None)
+    """Bytes (or an image from `open_bytes`, its limits checked already) -> C-contiguous uint8 (H, W, 3).
+    `draft=False` decodes a large JPEG at full scale first."""
+    target = spec if draft else None
+    if isinstance(data, Image.Image):
+        image = decode_opened(data, index=index, target=target)
+    else:
+        image = decode_bytes(data, limits, index=index, target=target)
     return resize_for_model(image, spec)

@@ -23,11 +23,11 @@ import numpy as np
 from PIL import Image
 
 import imageprep
-from imageprep import ResizeSpec, header_pixels, resize_for_model
+from imageprep import ResizeSpec, resize_for_model
 from service.errors import InvalidImage, PayloadTooLarge
 
 __all__ = [
-    "ImageLimits", "ResizeSpec", "decode_base64_image", "decode_image", "encode_png", "header_pixels",
+    "ImageLimits", "ResizeSpec", "decode_base64_image", "decode_image", "encode_png", "open_image",
     "prepare_image", "resize_for_model",
 ]
 
@@ -57,9 +57,15 @@ def decode_image(data: bytes, limits: imageprep.ImageLimits, *, index: int = 0,
         return imageprep.decode_bytes(data, limits, index=index, target=target)
 
 
-def prepare_image(data: bytes, spec: ResizeSpec, limits: imageprep.ImageLimits, *, index: int = 0,
+def open_image(data: bytes, limits: imageprep.ImageLimits, *, index: int = 0) -> Image.Image:
+    """Bytes -> an image with its header read and checked, nothing decoded yet (its size says what decoding costs)."""
+    with _as_service_errors():
+        return imageprep.open_bytes(data, limits, index=index)
+
+
+def prepare_image(data: bytes | Image.Image, spec: ResizeSpec, limits: imageprep.ImageLimits, *, index: int = 0,
                   draft: bool = True) -> np.ndarray:
-    """Bytes -> uint8 (H, W, 3) ready for the graph, what a worker thread runs. Draft decoding is what
+    """Bytes (or an `open_image` image) -> uint8 (H, W, 3) ready for the graph. Draft decoding is what
     training-time evaluation does too (model/data.py), so `draft=False` is only for measuring its effect."""
     with _as_service_errors():
         return imageprep.prepare(data, spec, limits, index=index, draft=draft)
@@ -73,12 +79,15 @@ class SourceImage:
     box: tuple[float, float, float, float]  # (left, top, right, bottom) in the image's pixels
 
 
-def prepare_image_with_source(data: bytes, spec: ResizeSpec, limits: imageprep.ImageLimits, *,
+def prepare_image_with_source(data: bytes | Image.Image, spec: ResizeSpec, limits: imageprep.ImageLimits, *,
                               index: int = 0) -> tuple[np.ndarray, SourceImage]:
     """As prepare_image, keeping the decoded upload too. Decoded at full scale (no JPEG draft), since the
     pictures are drawn at the upload's size; the model's pixels then follow the same resize rule from it."""
     with _as_service_errors():
-        image = imageprep.decode_bytes(data, limits, index=index)
+        if isinstance(data, Image.Image):
+            image = imageprep.decode_opened(data, index=index)
+        else:
+            image = imageprep.decode_bytes(data, limits, index=index)
         return imageprep.resize_for_model(image, spec), SourceImage(image, imageprep.source_box(image.width, image.height, spec))
 
 

@@ -9,12 +9,13 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Request
+from PIL import Image
 from fastapi.responses import Response
 
 from .batching import BatchTiming
 from .errors import DeadlineExceeded
 from .http_protocol import CLIENT_GONE
-from .images import decode_base64_image, header_pixels, prepare_image, prepare_image_with_source
+from .images import decode_base64_image, open_image, prepare_image, prepare_image_with_source
 from .request_parsing import read_request
 from .state import ServedModel, ServiceState
 from .tasks import PreparedImage, TaskHandler
@@ -87,22 +88,24 @@ async def prepare_images(state: ServiceState, model: ServedModel, images: list[b
     lowest-index failure is reported and nothing is inferred. Callers admit the request on the model's batcher and
     count it at work (`ServiceState.at_work`) first. `timing` learns how long it took."""
     started = time.perf_counter()
-    if _decode_here(state, images):
-        results = [_decode_and_prepare(images[0], model, state, 0, keep_source)]
+    lone = _open_lone_image(state, images)
+    if lone is not None and lone.width * lone.height <= INLINE_DECODE_MAX_PIXELS:
+        results = [_decode_and_prepare(lone, model, state, 0, keep_source)]
     else:
-        results = await _decode_in_threads(state, model, images, keep_source)
+        results = await _decode_in_threads(state, model, images if lone is None else [lone], keep_source)
     if timing is not None:
         timing.decode_s = time.perf_counter() - started
     return results
 
 
-def _decode_here(state: ServiceState, images: list[bytes | str]) -> bool:
+def _open_lone_image(state: ServiceState, images: list[bytes | str]) -> Image.Image | None:
+    """A lone request's one image, opened (its header read and checked: an error is the request's answer);
+    None for any other request, decoded in the threads as it came."""
     if len(images) != 1 or not state.alone_at_work or len(images[0]) > INLINE_DECODE_MAX_BYTES:
-        return False
+        return None
     if isinstance(images[0], str):  # base64: decoded in the threads, where its errors are reported
-        return False
-    pixels = header_pixels(images[0])
-    return pixels is not None and pixels <= INLINE_DECODE_MAX_PIXELS
+        return None
+    return open_image(images[0], state.limits, index=0)
 
 
 async def _decode_in_threads(state: ServiceState, model: ServedModel, images: list[bytes | str],
@@ -120,7 +123,7 @@ async def _decode_in_threads(state: ServiceState, model: ServedModel, images: li
     return results
 
 
-def _decode_and_prepare(data: bytes | str, model: ServedModel, state: ServiceState, index: int,
+def _decode_and_prepare(data: bytes | str | Image.Image, model: ServedModel, state: ServiceState, index: int,
                         keep_source: bool) -> PreparedImage:
     raw = decode_base64_image(data, index=index) if isinstance(data, str) else data
     if keep_source:

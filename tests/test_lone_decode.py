@@ -94,15 +94,19 @@ def test_anything_else_is_decoded_in_the_decode_threads(server, case):
     assert len(prepared) == len(images)
 
 
-def test_a_broken_lone_image_is_refused_the_same_way_on_the_loop(server):
-    truncated = encoded(320, 240)[:2000]  # its header is readable, so it is decoded on the loop
-    assert imageprep.header_pixels(truncated) == 320 * 240
-    with pytest.raises(InvalidImage, match="image 0") as refused:
-        server.decode([truncated])
-    assert refused.value.index == 0
+@pytest.mark.parametrize("case", ["truncated", "not an image"])
+def test_a_broken_lone_image_is_refused_as_in_the_decode_threads(server, case):
+    jpeg = encoded(320, 240)
+    data = {"truncated": jpeg[:2000], "not an image": b"not an image"}[case]
+    with pytest.raises(InvalidImage, match="image 0") as alone:
+        server.decode([data])
+    with pytest.raises(InvalidImage) as beside_another:
+        server.decode([data], others_at_work=1)
+    assert alone.value.index == 0 and str(alone.value) == str(beside_another.value)
 
 
-def test_header_pixels_reads_the_size_without_decoding():
-    assert imageprep.header_pixels(encoded(640, 480, "PNG")) == 640 * 480
-    assert imageprep.header_pixels(b"not an image") is None
-    assert imageprep.header_pixels(b"") is None
+def test_opening_reads_the_header_only_and_decoding_finishes_it():
+    png = encoded(640, 480, "PNG")
+    opened = imageprep.open_bytes(png)
+    assert opened.size == (640, 480) and opened.tile  # tiles still to decode: nothing decoded yet
+    assert np.array_equal(np.asarray(imageprep.decode_opened(opened)), np.asarray(imageprep.decode_bytes(png)))
