@@ -6,10 +6,10 @@ from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import schemas
 from .errors import BadRequest, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
+from .multipart import MalformedMultipart, TooManyFiles, read_multipart
 
 IMAGE_FIELD = "file"  # the multipart part name that carries an image
 LIST_FIELDS = {"visible", "masked"}  # may be repeated: visible=0&visible=3
@@ -47,22 +47,21 @@ async def read_request(request: Request, max_images: int, params_type: type[Base
 
 async def _multipart_images(request: Request, max_images: int, fields: dict[str, Any]) -> list[bytes]:
     try:
-        form = await request.form(max_files=max_images, max_fields=64)
-    except StarletteHTTPException as error:
-        if "Too many files" in str(error.detail):
-            raise PayloadTooLarge(f"more than {max_images} images in one request; the limit is {max_images}") from None
-        raise BadRequest(f"malformed multipart body: {error.detail}") from None
+        parts = await read_multipart(request, max_files=max_images, max_fields=64)
+    except TooManyFiles:
+        raise PayloadTooLarge(f"more than {max_images} images in one request; the limit is {max_images}") from None
+    except MalformedMultipart as error:
+        raise BadRequest(f"malformed multipart body: {error}") from None
     images, other_files = [], []
-    for key, value in form.multi_items():
-        is_file = hasattr(value, "read")
-        if key == IMAGE_FIELD and is_file:
-            images.append(await value.read())
-        elif key == IMAGE_FIELD:
+    for part in parts:
+        if part.name == IMAGE_FIELD and part.is_file:
+            images.append(part.value)
+        elif part.name == IMAGE_FIELD:
             raise BadRequest(f"the '{IMAGE_FIELD}' part must be a file upload")
-        elif is_file:
-            other_files.append(key)
+        elif part.is_file:
+            other_files.append(part.name)
         else:
-            add_field(fields, key, value)
+            add_field(fields, part.name, part.value)
     if not images:
         hint = f"; it has file parts named {', '.join(repr(k) for k in other_files)}" if other_files else ""
         raise InvalidParameter(f"the request holds no images: send each image as a file part named '{IMAGE_FIELD}'{hint}")

@@ -188,6 +188,54 @@ def test_bad_classify_requests_get_the_envelope_and_status(client, kwargs, statu
     assert_error(client.post("/classify", **kwargs), status, kind)
 
 
+def multipart_body(parts: list[tuple[str, str]], boundary: str = "b0undary", close: bool = True) -> bytes:
+    """A multipart body from (Content-Disposition, content) pairs, written by hand so that it can be wrong."""
+    body = b"".join(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n{content}\r\n".encode()
+                    for disposition, content in parts)
+    return body + (f"--{boundary}--\r\n".encode() if close else b"")
+
+
+IMAGE_PART = 'form-data; name="file"; filename="a.png"'
+
+
+@pytest.mark.parametrize(
+    "content_type, body, status, kind, says",
+    [
+        ("multipart/form-data", multipart_body([(IMAGE_PART, "x")]), 400, "bad_request", "names no boundary"),
+        ("multipart/form-data; boundary=b0undary", multipart_body([("form-data", "x")]), 400, "bad_request", "no name"),
+        ("multipart/form-data; boundary=b0undary", multipart_body([(IMAGE_PART, "x")] * 33), 413, "payload_too_large",
+         "limit is 32"),
+        ("multipart/form-data; boundary=b0undary", multipart_body([(f'form-data; name="f{i}"', "1") for i in range(65)]),
+         400, "bad_request", "more than 64 fields"),
+        ("multipart/form-data; boundary=b0undary", multipart_body([('form-data; name="top_k"', "1" * (1024 * 1024 + 1))]),
+         400, "bad_request", "over 1024 KiB"),
+        ("multipart/form-data; boundary=b0undary", b"no boundary line at all", 400, "bad_request", "malformed multipart"),
+        ("multipart/form-data; boundary=b0undary", multipart_body([(IMAGE_PART, "x")], close=False)[:-8], 422,
+         "invalid_parameter", "holds no images"),  # cut inside its only part: no complete image
+        ("multipart/form-data; boundary=b0undary", multipart_body([('form-data; name="file"', "x")]), 400, "bad_request",
+         "must be a file upload"),
+        ("multipart/form-data; boundary=b0undary", multipart_body([('form-data; name="image"; filename="a.png"', "x")]),
+         422, "invalid_parameter", "file parts named 'image'"),
+    ],
+    ids=["no boundary", "part without a name", "33 images", "65 fields", "a field over 1 MiB", "not multipart at all",
+         "cut short", "image as a field", "image under another name"],
+)
+def test_malformed_multipart_bodies_are_refused_saying_what_is_wrong(client, content_type, body, status, kind, says):
+    error = assert_error(client.post("/classify", content=body, headers={"Content-Type": content_type}), status, kind)
+    assert says in error["message"]
+
+
+def test_multipart_fields_are_text_in_utf8_unless_the_body_says_otherwise(client):
+    def refused(charset: str, name: bytes) -> str:
+        body = (b'--b0undary\r\nContent-Disposition: form-data; name="model"\r\n\r\n' + name +
+                b'\r\n' + multipart_body([(IMAGE_PART, "x")]))
+        response = client.post("/classify", content=body,
+                               headers={"Content-Type": f"multipart/form-data; boundary=b0undary{charset}"})
+        return assert_error(response, 404, "not_found")["message"]
+    assert "'modèle'" in refused("", "modèle".encode())
+    assert "'modèle'" in refused("; charset=iso-8859-1", "modèle".encode("latin-1"))
+
+
 @pytest.mark.parametrize(
     "data, kind",
     [({"mask_ratio": "1.5"}, "invalid_parameter"), ({"mask_ratio": "0"}, "invalid_parameter"),
