@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Request
-from PIL import Image
 from fastapi.responses import Response
+from PIL import Image
 
 from .batching import BatchTiming
 from .errors import DeadlineExceeded

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -410,7 +409,8 @@ def test_sigterm_during_load_answers_every_admitted_request(repo):
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(one, i) for i in range(200)]
-        time.sleep(0.15)
+        # once the server is answering (a fixed sleep was sometimes too short on a loaded machine: nothing admitted yet)
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
         srv.process.send_signal(signal.SIGTERM)
         outcomes = [f.result() for f in futures]
     print({o: outcomes.count(o) for o in set(outcomes)})
