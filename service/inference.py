@@ -75,9 +75,9 @@ def disconnect_probe(request: Request) -> Callable[[], Awaitable[bool]]:
 
 
 # A lone request's image is decoded on the event loop when it is small. Nothing else is waiting for the loop then, and
-# the hand-overs to a decode thread and back cost a lone request about 0.3 ms (two thread wake-ups, on caches the
-# inference before it has just emptied; ViT-Base at c=1 on 2 cores: 3.3 -> 3.0 ms over raw batch-1 latency). The bounds
-# keep the loop's pause short for a request that arrives meanwhile: a 512x512 PNG takes about 3 ms, a 320x240 JPEG 1.
+# the hand-over to a decode thread and back costs a lone request about 0.3 ms (two thread wake-ups; ViT-Tiny at c=1 on
+# 2 vCPUs: 3.1 -> 2.8 ms over the runtime's own latency, docs/performance.md). The bounds keep the loop's pause short
+# for a request that arrives meanwhile: a 512x512 PNG takes about 3 ms, a 320x240 JPEG 1.
 INLINE_DECODE_MAX_PIXELS = 512 * 512
 INLINE_DECODE_MAX_BYTES = 256 * 1024
 
