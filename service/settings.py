@@ -94,7 +94,8 @@ class Settings(BaseSettings):
     # and HTTP needed (ViT-Tiny, 2 cores, c=1: p99 23 -> 16 ms, paired; throughput unchanged).
     intra_op_spin_us: int | None = Field(100, ge=0, description="how long an idle onnxruntime thread busy-waits for work "
                                          "before it sleeps, in microseconds; 0: never; null: onnxruntime's default")
-    decode_threads: int | None = Field(None, ge=1, description="image decoding threads (default: half the CPU cores, at least 1)")
+    decode_threads: int | None = Field(None, ge=1, description="image decoding threads (default: half the CPU cores, at least "
+                                       "1); a lone request's one small image is decoded on the event loop instead")
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="least severe log level written")
     log_format: Literal["text", "json"] = Field("text", description="text: lines for a terminal; json: one JSON object per "
