@@ -32,9 +32,12 @@ _EXIF_ORIENTATION = 0x0112
 _QUARTER_TURNS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
-def decode_bytes(data: bytes, limits: ImageLimits | None = None, *, index: int = 0,
+def decode_bytes(data: bytes | Image.Image, limits: ImageLimits | None = None, *, index: int = 0,
                  target: ResizeSpec | None = None) -> Image.Image:
-    """Bytes -> RGB image, upright. `target` allows JPEG draft decoding; `limits=None` checks no limit of ours."""
+    """Bytes -> RGB image, upright. `target` allows JPEG draft decoding; `limits=None` checks no limit of ours.
+    An image from `open_bytes` (limits checked already) is finished the same way (`decode_opened`)."""
+    if isinstance(data, Image.Image):
+        return decode_opened(data, index=index, target=target)
     return _decode(data, limits, index=index, name=f"image {index}", target=target)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .decode import decode_bytes, decode_opened
+from .decode import decode_bytes
 from .limits import ImageLimits
 from .resize import ResizeSpec, resize_for_model
 
@@ -13,9 +13,5 @@ def prepare(data: bytes | Image.Image, spec: ResizeSpec, limits: ImageLimits | N
             draft: bool = True) -> np.ndarray:
     """Bytes (or an image from `open_bytes`, its limits checked already) -> C-contiguous uint8 (H, W, 3).
     `draft=False` decodes a large JPEG at full scale first."""
-    target = spec if draft else None
-    if isinstance(data, Image.Image):
-        image = decode_opened(data, index=index, target=target)
-    else:
-        image = decode_bytes(data, limits, index=index, target=target)
+    image = decode_bytes(data, limits, index=index, target=spec if draft else None)
     return resize_for_model(image, spec)

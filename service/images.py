@@ -84,10 +84,7 @@ def prepare_image_with_source(data: bytes | Image.Image, spec: ResizeSpec, limit
     """As prepare_image, keeping the decoded upload too. Decoded at full scale (no JPEG draft), since the
     pictures are drawn at the upload's size; the model's pixels then follow the same resize rule from it."""
     with _as_service_errors():
-        if isinstance(data, Image.Image):
-            image = imageprep.decode_opened(data, index=index)
-        else:
-            image = imageprep.decode_bytes(data, limits, index=index)
+        image = imageprep.decode_bytes(data, limits, index=index)
         return imageprep.resize_for_model(image, spec), SourceImage(image, imageprep.source_box(image.width, image.height, spec))
 
 

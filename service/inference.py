@@ -101,9 +101,8 @@ async def prepare_images(state: ServiceState, model: ServedModel, images: list[b
 def _open_lone_image(state: ServiceState, images: list[bytes | str]) -> Image.Image | None:
     """A lone request's one image, opened (its header read and checked: an error is the request's answer);
     None for any other request, decoded in the threads as it came."""
-    if len(images) != 1 or not state.alone_at_work or len(images[0]) > INLINE_DECODE_MAX_BYTES:
-        return None
-    if isinstance(images[0], str):  # base64: decoded in the threads, where its errors are reported
+    # base64 text is decoded in the threads, where its errors are reported
+    if len(images) != 1 or isinstance(images[0], str) or len(images[0]) > INLINE_DECODE_MAX_BYTES or not state.alone_at_work:
         return None
     return open_image(images[0], state.limits, index=0)
 

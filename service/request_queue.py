@@ -67,7 +67,7 @@ class QueuedRequest:
     @property
     def queued_s(self) -> float:
         """From the queue to its first batch's start."""
-        return (self.started_at if self.started_at is not None else self.queued_at) - self.queued_at
+        return 0.0 if self.started_at is None else self.started_at - self.queued_at
 
     @property
     def untaken(self) -> int:
